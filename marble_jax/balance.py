@@ -43,6 +43,7 @@ from marble_jax.nft_loss import NFTConfig, NFTInputs, kl_loss, policy_loss, poli
 Array = jax.Array
 PyTree = Any
 VelocityFn = Callable[[PyTree], Array]
+MicroVelocityFn = Callable[[PyTree, Any], Array]  # (params, micro-batch conditioning) -> v
 
 MODES = ("single", "weighted_sum", "marble", "marble_amortized")
 
@@ -195,8 +196,8 @@ def tree_all_finite(tree: PyTree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def _solve(velocity_fn, params, inputs, r, state, nft: NFTConfig, cfg: BalanceConfig) -> Direction:
-    rg = reward_gradients(velocity_fn, params, inputs, r, nft, cfg.row_chunk)
+def _direction_from_gradients(rg: RewardGradients, state: mgda.MGDAState, cfg: BalanceConfig) -> Direction:
+    """The MARBLE direction of per-reward gradients: Gram matrix, harmonised coefficients, plus the KL gradient."""
     gram = mgda.gram_matrix(rg.grads)
     h = mgda.harmonize(
         gram, state, ema_decay=cfg.ema_decay, normalize=cfg.normalize, rescale=cfg.rescale, max_iters=cfg.max_iters, tol=cfg.tol
@@ -221,6 +222,61 @@ def _solve(velocity_fn, params, inputs, r, state, nft: NFTConfig, cfg: BalanceCo
     return Direction(update, h.state, h.finite & tree_all_finite(update), metrics)
 
 
+def _micro_mean(fn: Callable[..., PyTree], micro: tuple) -> PyTree:
+    """Mean over the leading axis M of ``micro``'s leaves of ``fn(*micro_m)``, accumulated under ``jax.lax.scan``
+    (one micro-batch's activations live at a time)."""
+    m = jax.tree.leaves(micro)[0].shape[0]
+    shapes = jax.eval_shape(fn, *jax.tree.map(lambda x: x[0], micro))
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    if m == 1:
+        return fn(*jax.tree.map(lambda x: x[0], micro))
+    total, _ = jax.lax.scan(lambda acc, xs: (jax.tree.map(jnp.add, acc, fn(*xs)), None), init, micro)
+    return jax.tree.map(lambda x: x / m, total)
+
+
+def accumulated_direction(
+    velocity_fn: MicroVelocityFn,
+    params: PyTree,
+    cond: PyTree,
+    inputs: NFTInputs,
+    r: Array,
+    state: mgda.MGDAState,
+    nft: NFTConfig,
+    cfg: BalanceConfig,
+    *,
+    solve: bool = True,
+) -> Direction:
+    """:func:`update_direction` of the mean loss over M micro-batches (e.g. the trained timesteps of a rollout batch).
+
+    Every leaf of ``cond`` (the micro-batch's conditioning, passed to ``velocity_fn(params, cond_m)``), of ``inputs``
+    and of ``r`` (``[M, B]`` or ``[M, K, B]``) has a leading axis M. The per-reward gradients (or the one weighted
+    gradient) are averaged over the micro-batches under ``jax.lax.scan`` before the MGDA solve, so the balance is
+    computed on the whole batch's gradients, with one micro-batch's activations in memory at a time.
+    """
+    if cfg.mode in ("single", "weighted_sum"):
+        if r.ndim != 2:
+            raise ValueError(f"mode {cfg.mode!r} takes one weight vector r [B] per micro-batch, got shape {r.shape}")
+    elif r.ndim != 3 or r.shape[1] != state.ema_weights.shape[0]:
+        raise ValueError(f"mode {cfg.mode!r} takes r [K, B] with K = {state.ema_weights.shape[0]}, got shape {r.shape[1:]}")
+    if cfg.mode in ("marble", "marble_amortized") and (cfg.mode == "marble" or solve):
+
+        def rows(c, inp, rm):
+            return reward_gradients(lambda p: velocity_fn(p, c), params, inp, rm, nft, cfg.row_chunk)
+
+        return _direction_from_gradients(_micro_mean(rows, (cond, inputs, r)), state, cfg)
+    scale: Array | float = 1.0
+    if cfg.mode == "marble_amortized":
+        c = state.coefficients
+        scale = c.sum()
+        r = jnp.einsum("k,mkb->mb", c, r) / jnp.where(scale > 0, scale, 1)
+
+    def one(c, inp, rm):
+        return weighted_gradient(lambda p: velocity_fn(p, c), params, inp, rm, nft, scale)
+
+    grad, metrics = _micro_mean(one, (cond, inputs, r))
+    return Direction(grad, state, tree_all_finite(grad), metrics)
+
+
 def update_direction(
     velocity_fn: VelocityFn,
     params: PyTree,
@@ -232,7 +288,7 @@ def update_direction(
     *,
     solve: bool = True,
 ) -> Direction:
-    """The update direction of ``cfg.mode``.
+    """The update direction of ``cfg.mode`` for one batch.
 
     Args:
       velocity_fn: ``params -> v_theta [B, H, W, C]``.
@@ -244,35 +300,30 @@ def update_direction(
       cfg: balancing configuration.
       solve: static; ``marble_amortized`` only: full solve (True) or cached coefficients.
     """
-    if cfg.mode in ("single", "weighted_sum"):
-        if r.ndim != 1:
-            raise ValueError(f"mode {cfg.mode!r} takes one weight vector r [B], got shape {r.shape}")
-        grad, metrics = weighted_gradient(velocity_fn, params, inputs, r, nft)
-        return Direction(grad, state, tree_all_finite(grad), metrics)
-    if r.ndim != 2 or r.shape[0] != state.ema_weights.shape[0]:
-        raise ValueError(f"mode {cfg.mode!r} takes r [K, B] with K = {state.ema_weights.shape[0]}, got shape {r.shape}")
-    if cfg.mode == "marble" or solve:
-        return _solve(velocity_fn, params, inputs, r, state, nft, cfg)
-    c = state.coefficients
-    total = c.sum()
-    r_mix = jnp.tensordot(c, r, axes=1) / jnp.where(total > 0, total, 1)
-    grad, metrics = weighted_gradient(velocity_fn, params, inputs, r_mix, nft, scale=total)
-    return Direction(grad, state, tree_all_finite(grad), metrics)
+    if cfg.mode in ("single", "weighted_sum") and r.ndim != 1:
+        raise ValueError(f"mode {cfg.mode!r} takes one weight vector r [B], got shape {r.shape}")
+    one = jax.tree.map(lambda x: x[None], (inputs, r))
+    return accumulated_direction(lambda p, _: velocity_fn(p), params, jnp.zeros((1,)), *one, state, nft, cfg, solve=solve)
 
 
-def direction_diagnostics(
-    velocity_fn: VelocityFn, params: PyTree, inputs: NFTInputs, r: Array, r_applied: Array, nft: NFTConfig
+def accumulated_diagnostics(
+    velocity_fn: MicroVelocityFn, params: PyTree, cond: PyTree, inputs: NFTInputs, r: Array, r_applied: Array, nft: NFTConfig
 ) -> dict[str, Array]:
-    """Cosines between the policy direction of ``r_applied [B]`` and each reward's ``[K, B]``.
+    """Cosines between the policy direction of ``r_applied [M, B]`` and each reward's (``r [M, K, B]``), on the
+    gradients averaged over M micro-batches (as :func:`accumulated_direction`).
 
-    For modes that do not compute per-reward gradients themselves (the weighted sum): K + 1
-    backward passes, so call it on a subset of steps. Returns ``cosines [K]``, ``min_cosine``,
-    ``anti_aligned`` and ``grad_norms [K]``.
+    For modes that do not compute per-reward gradients themselves (the weighted sum): K + 1 backward
+    passes, so call it on a subset of steps. Returns ``cosines [K]``, ``min_cosine``, ``anti_aligned``
+    and ``grad_norms [K]``.
     """
-    rows = jnp.concatenate([r, r_applied[None]], axis=0)
-    rg = reward_gradients(velocity_fn, params, inputs, rows, dataclasses.replace(nft, kl_beta=0.0))
-    gram = mgda.gram_matrix(rg.grads)
-    k = r.shape[0]
+    no_kl = dataclasses.replace(nft, kl_beta=0.0)
+
+    def rows(c, inp, rm, ra):
+        return reward_gradients(lambda p: velocity_fn(p, c), params, inp, jnp.concatenate([rm, ra[None]]), no_kl).grads
+
+    grads = _micro_mean(rows, (cond, inputs, r, r_applied))
+    gram = mgda.gram_matrix(grads)
+    k = r.shape[1]
     sel = jnp.zeros((k + 1,), jnp.float32).at[k].set(1)
     cos = mgda.direction_cosines(gram, sel)[:k]
     return {
@@ -281,6 +332,14 @@ def direction_diagnostics(
         "anti_aligned": jnp.any(cos < 0),
         "grad_norms": jnp.sqrt(jnp.maximum(jnp.diagonal(gram)[:k], 0)),
     }
+
+
+def direction_diagnostics(
+    velocity_fn: VelocityFn, params: PyTree, inputs: NFTInputs, r: Array, r_applied: Array, nft: NFTConfig
+) -> dict[str, Array]:
+    """:func:`accumulated_diagnostics` of one batch: ``r [K, B]``, ``r_applied [B]``."""
+    one = jax.tree.map(lambda x: x[None], (inputs, r, r_applied))
+    return accumulated_diagnostics(lambda p, _: velocity_fn(p), params, jnp.zeros((1,)), *one, nft)
 
 
 def optimizer_step(tx: optax.GradientTransformation, params: PyTree, opt_state: Any, direction: Direction) -> tuple[PyTree, Any]:
