@@ -34,6 +34,12 @@ setup(
         "scipy>=1.11",
         "safetensors>=0.4",
         "transformers>=5.0",
+        "absl-py>=2.0",
+        "pillow>=10.0",
+        # clu's metric writers (TensorBoard event files) need TensorFlow; the CPU wheel is enough.
+        "clu>=0.0.12",
+        "tensorflow-cpu>=2.16",
+        "tensorboard>=2.16",
     ],
     extras_require={
         "cuda12": ["jax[cuda12]"],

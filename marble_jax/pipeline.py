@@ -196,6 +196,11 @@ def _denoise(transformer_fn, params, x_T, sigmas, cond, uncond, key, eta, *, gui
 
 
 @functools.partial(jax.jit, static_argnames="decode_fn")
+def decode_images(decode_fn: Callable, params: PyTree, latents: Array) -> Array:
+    """Latents ``[B, h, w, C]`` -> uint8 images ``[B, H, W, 3]`` with the VAE ``decode_fn(params, latents)``."""
+    return _to_uint8(_decode(decode_fn, params, latents))
+
+
 def _decode(decode_fn, params, latents: Array) -> Array:
     return jnp.clip(decode_fn(params, latents) * 0.5 + 0.5, 0, 1)
 

@@ -34,6 +34,7 @@ import jax
 import numpy as np
 
 from marble_jax import rewards
+from marble_jax.image_grid import save_grid
 from marble_jax.rewards.geneval_rules import TAGS
 from marble_jax.world import model as world_model
 from marble_jax.world import scenes
@@ -83,8 +84,6 @@ def sampling_time(world: world_model.WorldModel, batch: int = 64, num_steps: int
 def sample_grid(world: world_model.WorldModel, path: Path, per_kind: int = 6, scale: int = 4, seed: int = 0) -> None:
     """PNG: for each prompt kind two rows over ``per_kind`` held-out prompts, the generator's
     ground-truth render above the base model's sample (10 Euler steps), each image ``scale`` x."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     rows = []
     for kind in scenes.KINDS:
@@ -92,10 +91,7 @@ def sample_grid(world: world_model.WorldModel, path: Path, per_kind: int = 6, sc
         chosen = [pool[i % len(pool)] for i in range(per_kind)]
         truth = scenes.render_batch([scenes.make_scene(p, rng) for p in chosen])
         rows += [truth, sample_prompts(world, [p.text for p in chosen], jax.random.key(seed))]
-    grid = np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
-    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
+    save_grid(np.concatenate(rows), path, cols=per_kind, scale=scale, pad=0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,10 @@
 A reward function maps ``(images uint8 [B, H, W, 3], prompts: list[str], metadata: list[dict |
 None])`` to float32 ``[B]`` rewards, NaN where the reward does not apply to a sample (OCR on a
 prompt without quoted text, GenEval on a prompt without metadata). ``get`` returns it wrapped
-with the input checks, so every reward validates its inputs the same way.
+with the input checks, so every reward validates its inputs the same way, and with
+``reward_fn.applies(prompts, metadata) -> bool [B]``: where the reward is defined (the factory's
+function's own ``applies``, else everywhere). A NaN where the reward applies is a fault (a
+broken reward model), which the trainer tells apart from "does not apply".
 
 Entries are ``"module:factory"`` strings imported on ``get``: this module (floor 2) never
 imports the world (floor 3) or a heavy model at import time. ``factory(**options)`` returns
@@ -54,8 +57,13 @@ def get(name: str, **options) -> RewardFn:
             raise ValueError(f"reward {name!r} returned shape {out.shape}, expected ({images.shape[0]},)")
         return out
 
+    def applies(prompts: Sequence[str], metadata: Sequence[dict | None]) -> np.ndarray:
+        own = getattr(fn, "applies", None)
+        return np.ones(len(prompts), bool) if own is None else np.asarray(own(list(prompts), list(metadata)), bool)
+
     reward_fn.__name__ = name
     reward_fn.__doc__ = fn.__doc__
+    reward_fn.applies = applies
     return reward_fn
 
 

@@ -152,6 +152,7 @@ def world_geneval(
             out[i] = score(metadata[i], _detect_labels(label), **opts)
         return out
 
+    reward_fn.applies = lambda prompts, metadata: np.array([m is not None for m in metadata], bool)
     return reward_fn
 
 
@@ -166,4 +167,5 @@ def world_ocr():
             text[i] = _read_strength(strength)
         return ocr_scores(text, prompts)
 
+    reward_fn.applies = lambda prompts, metadata: np.array([ocr_target(p) is not None for p in prompts], bool)
     return reward_fn
