@@ -80,3 +80,22 @@ def save_tiny_sd35_transformer(directory, num_layers: int = 3):
     perturb_torch_module(model)
     model.save_pretrained(directory)
     return model
+
+
+def save_tiny_world(directory, seed: int = 0):
+    """A random 1-block world model (every weight non-zero, so LoRA gradients flow) saved in ``directory``."""
+    import jax
+
+    from marble_jax.world import model as world_model
+    from marble_jax.world import scenes
+
+    tokenizer = scenes.build_tokenizer(world_model.MAX_LENGTH)
+    config = world_model.default_config(tokenizer)
+    config["mmdit"] = {**config["mmdit"], "num_layers": 1, "num_attention_heads": 2, "caption_projection_dim": 64,
+                       "dual_attention_layers": [0]}  # fmt: skip
+    config["text"] = {**config["text"], "num_hidden_layers": 1}
+    _, _, params = world_model.build(config, jax.random.key(seed))
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    params = jax.tree.unflatten(treedef, [x + 0.01 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)])
+    return world_model.save_world_model(directory, params, config)

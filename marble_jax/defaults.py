@@ -1,0 +1,121 @@
+"""The default run configuration: every default of the paper's setup (REFERENCE §2-3), named as the paper
+names it, and the scale of the embedded world. The files under ``configs/`` start from :func:`get_config`.
+
+Two scales:
+
+* ``"sd35"``: the paper's SD3.5-Medium run (48 prompts x 24 images per epoch, DPM-Solver-2 with 25 steps,
+  512 px, T5 length 128, LoRA r 32 / alpha 64, AdamW 3e-4); ``model.path`` must name a snapshot.
+* ``"world"`` (the default): the same algorithm at the embedded world's scale (8 prompts x 8 images,
+  10 sampler steps), so a run finishes in minutes on a laptop CPU. Only sizes, step counts and the
+  learning rate differ; the loss, advantages, balancing and schedules are the paper's.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+SCALES = ("world", "sd35")
+FIVE_REWARDS = {
+    "world": ("world_pickscore", "world_aesthetic", "world_clipscore", "world_ocr", "world_geneval"),
+    "sd35": ("pickscore", "hpsv2", "clipscore", "ocr", "geneval"),
+}
+"""The paper's five rewards at each scale (the world's ``world_aesthetic`` stands in for HPSv2.1)."""
+
+
+def get_config(scale: str = "world") -> ml_collections.ConfigDict:
+    """The full default config at ``scale`` (see the module doc); method ``marble_amortized`` on no rewards."""
+    if scale not in SCALES:
+        raise ValueError(f"config scale must be one of {SCALES}, got {scale!r} (e.g. --config=configs/k5.py:sd35)")
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_epochs = 300  # optimizer steps (one per epoch)
+    c.method = "marble_amortized"  # single | weighted_sum | sequential | marble | marble_amortized
+    c.rewards = ()  # training rewards, in order (the K axis)
+    c.reward_options = ml_collections.ConfigDict()  # {reward: {option: value}} for training
+    c.eval_reward_options = ml_collections.ConfigDict()  # {reward: {option: value}} for held-out evaluation
+    c.single_reward = ""  # method "single"
+    c.reward_weights = ml_collections.ConfigDict()  # method "weighted_sum": {reward: weight}, default 1
+    c.sequential_stages = ()  # method "sequential": ((reward, epochs), ...), cycled
+
+    # DiffusionNFT (REFERENCE §2): beta 0.1 in the multi-reward config.
+    c.nft = ml_collections.ConfigDict(dict(beta=0.1, adv_clip_max=5.0, kl_beta=1e-4, adaptive_weighting=True))
+    c.advantage = ml_collections.ConfigDict(dict(global_std=True, eps=1e-4))
+    # MARBLE (REFERENCE §3): EMA rho = 0.7, a full solve every N = 10 steps.
+    c.balance = ml_collections.ConfigDict(
+        dict(ema_decay=0.7, solve_every=10, normalize=True, rescale=True, max_iters=1000, tol=1e-5, row_chunk=None)
+    )
+    c.diagnostics_every = 10  # weighted sum / single / sequential: per-reward cosines every n steps (K + 1 backwards)
+
+    # Rollouts: CFG-free DPM-Solver-2, 25 steps (multi-reward), 24 images per prompt, 48 prompts per epoch.
+    c.sample = ml_collections.ConfigDict(
+        dict(
+            method="dpm2",
+            num_steps=25,
+            eta=0.7,  # method "sde" only
+            shift=placeholder(float),  # None: the model's scheduler shift
+            images_per_prompt=24,
+            prompts_per_epoch=48,
+            timestep_fraction=0.99,  # each sample trains on int(0.99 num_steps) of its grid's timesteps
+            rollout_batch=48,  # images per rollout chunk (rewards of a chunk overlap the next chunk's rollout)
+            train_batch=8,  # samples per micro-batch of the update (gradients accumulated over micro-batches)
+        )
+    )
+    c.optim = ml_collections.ConfigDict(
+        dict(learning_rate=3e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, max_grad_norm=1.0)
+    )
+    c.finetune = "lora"  # lora | full
+    c.lora = ml_collections.ConfigDict(
+        dict(
+            rank=32,
+            alpha=64.0,
+            targets=r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
+            init_std=placeholder(float),
+        )
+    )
+    c.old_policy_schedule = 1  # 1: d = min(0.001 step, 0.5); 2 (OCR): 0 before step 75, then min(0.0075 (step - 75), 0.999)
+    c.ema_decay = 0.9  # evaluation EMA of the trained parameters, with warm-up
+
+    c.model = ml_collections.ConfigDict(
+        dict(
+            path="",  # a diffusers SD3 / SD3.5 snapshot (directory or HF cache id); empty: the embedded world
+            world_dir="",  # the world model's checkpoint directory; empty: the one shipped in the package
+            params_checkpoint="",  # orbax parameters written by tools/convert_sd3.py (skips the safetensors)
+            dtype="float32",  # master weights
+            compute_dtype="bfloat16",
+            remat=True,
+            use_t5=True,
+            max_sequence_length=128,
+            resolution=512,
+            encode_on_cpu=True,  # text encoders in host memory; embeddings cached per prompt
+        )
+    )
+    c.prompts = ml_collections.ConfigDict(dict(train="", eval=""))  # .txt / .jsonl files; empty: the world's splits
+    # In-training evaluation: 40 Euler ODE steps, guidance 1.0, on the EMA parameters.
+    c.eval = ml_collections.ConfigDict(
+        dict(every=50, num_prompts=64, images_per_prompt=1, num_steps=40, method="euler", batch=16, grid_images=16)
+    )
+    c.checkpoint = ml_collections.ConfigDict(dict(every=25, keep=3, async_save=True))
+    c.mesh = ml_collections.ConfigDict(dict(data=placeholder(int), fsdp=placeholder(int)))
+    c.log_every = 1
+    if scale == "world":
+        c.total_epochs = 60
+        c.sample.update(num_steps=10, images_per_prompt=8, prompts_per_epoch=8, rollout_batch=32, train_batch=64)
+        c.model.compute_dtype = ""
+        c.model.remat = False
+        c.lora.rank = 16
+        c.lora.alpha = 32.0
+        c.optim.learning_rate = 1e-3
+        c.eval.update(every=20, num_prompts=192, num_steps=10, batch=64, grid_images=36)
+        c.checkpoint.every = 10
+        c.diagnostics_every = 5
+    return c
+
+
+def with_rewards(config: ml_collections.ConfigDict, names: tuple[str, ...]) -> ml_collections.ConfigDict:
+    """``config`` training ``names``; GenEval is scored partial in training and strict in evaluation."""
+    config.rewards = tuple(names)
+    for name in names:
+        if name in ("world_geneval", "geneval"):
+            config.eval_reward_options[name] = {"strict": True}
+    return config

@@ -1,0 +1,187 @@
+"""The :class:`Setup` of a run: what the trainer and the evaluator see of a model, built from a config for the
+embedded world (``config.model.path`` empty: the default) or for an SD3 / SD3.5 snapshot in diffusers layout.
+
+Everything a run needs is resolved and checked here, before any compute is spent: the model files, the prompt
+files (:func:`marble_jax.prompts.load_prompts`), the reward names and their checkpoints (a reward factory that
+cannot find its files raises here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from marble_jax import rewards as reward_registry
+from marble_jax.models import lora, mmdit
+from marble_jax.prompts import Prompt, load_prompts
+
+Array = jax.Array
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Setup:
+    """Everything the loop needs from a model.
+
+    Attributes:
+      name: what the model is (shown in logs).
+      velocity_fn: ``(base, trainable | None, x [B, h, w, c], t [B] in [0, 1], context [B, L, D], pooled [B, Dp])
+        -> v``; ``trainable=None`` is the reference (base) model.
+      base_params: the frozen parameters.
+      init_trainable: ``(base, key) -> trainable`` (fresh LoRA, or a copy of the base for full fine-tuning).
+      decode_fn: ``(decode_params, latents [B, h, w, c]) -> uint8 [B, H, W, 3]``, jittable.
+      decode_params: the decoder's parameters (``{}`` for pixel latents).
+      encode: host-side ``prompts -> (context [P, L, D], pooled [P, Dp])`` (numpy); the trainer caches it per prompt.
+      latent_shape: ``(h, w, c)``.
+      shift: the sampler grid's shift.
+      train_prompts, eval_prompts: the prompt sets.
+      rewards: training reward functions by name, in the order of the K axis.
+      eval_rewards: held-out reward functions by name (e.g. GenEval strict instead of partial).
+      lora_spec: the LoRA of ``trainable``, None for full fine-tuning.
+    """
+
+    name: str
+    velocity_fn: Callable[..., Array]
+    base_params: PyTree
+    init_trainable: Callable[[PyTree, Array], PyTree]
+    decode_fn: Callable[[PyTree, Array], Array]
+    decode_params: PyTree
+    encode: Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
+    latent_shape: tuple[int, int, int]
+    shift: float
+    train_prompts: list[Prompt]
+    eval_prompts: list[Prompt]
+    rewards: dict[str, Callable]
+    eval_rewards: dict[str, Callable]
+    lora_spec: lora.LoRASpec | None
+
+
+def _velocity(
+    module_config: dict, apply_fn: Callable, config: ml_collections.ConfigDict, **build_kw
+) -> tuple[Callable, Callable, Any]:
+    """``(velocity_fn, init_trainable, lora_spec)`` for ``config.finetune`` over an MMDiT (``apply_fn`` is its
+    functional form; LoRA needs the module graph, rebuilt from ``module_config``)."""
+    if config.finetune == "full":
+
+        def velocity(base, trainable, x, t, context, pooled):
+            return apply_fn(base if trainable is None else trainable, x, 1000 * t, context, pooled)
+
+        return velocity, lambda base, key: jax.tree.map(jnp.copy, base), None
+    if config.finetune != "lora":
+        raise ValueError(f"config.finetune must be 'lora' or 'full', got {config.finetune!r}")
+    spec = lora.LoRASpec(
+        rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets, init_std=config.lora.init_std
+    )
+    lora_apply = lora.with_lora(mmdit.build(module_config, **build_kw), spec)
+
+    def velocity(base, trainable, x, t, context, pooled):
+        return lora_apply(base, trainable, x, 1000 * t, context, pooled)
+
+    return velocity, lambda base, key: lora.init_lora(base, spec, key), spec
+
+
+def _rewards(names: Sequence[str], options: ml_collections.ConfigDict) -> dict[str, Callable]:
+    """The reward functions by name; unknown names and missing reward checkpoints raise here, naming them."""
+    known = reward_registry.names()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"config.rewards: unknown reward(s) {unknown}; registered rewards: {known}")
+    extra = set(options) - set(names)
+    if extra:
+        raise ValueError(f"reward options given for rewards that are not trained: {sorted(extra)}")
+    return {n: reward_registry.get(n, **dict(options.get(n, {}))) for n in names}
+
+
+def _prompt_set(path: str | None, default: Callable[[], list[Prompt]], what: str) -> list[Prompt]:
+    if path:
+        return load_prompts(path)
+    if default is None:
+        raise ValueError(f"config.prompts.{what} must name a prompt file (.txt or .jsonl) for a model snapshot")
+    return default()
+
+
+def build_setup(config: ml_collections.ConfigDict) -> Setup:
+    """The :class:`Setup` of ``config``: the embedded world when ``config.model.path`` is empty, else the snapshot."""
+    if config.model.path:
+        return _sd3_setup(config)
+    return _world_setup(config)
+
+
+def _world_setup(config: ml_collections.ConfigDict) -> Setup:
+    from marble_jax.world import model as world_model
+    from marble_jax.world import scenes
+
+    world = world_model.load_world_model(config.model.world_dir or None)
+    velocity, init_trainable, spec = _velocity(world.config["mmdit"], world.apply_fn, config)
+
+    def world_prompts(split: str) -> Callable[[], list[Prompt]]:
+        return lambda: [Prompt(p.text, p.metadata) for p in scenes.split_prompts(split)]
+
+    return Setup(
+        name=f"embedded world ({world_model.ASSETS if not config.model.world_dir else config.model.world_dir})",
+        velocity_fn=velocity,
+        base_params=world.params["mmdit"],
+        init_trainable=init_trainable,
+        decode_fn=lambda _, latents: world_model.to_uint8(latents),
+        decode_params={},
+        encode=lambda texts: tuple(np.asarray(a) for a in world.encode(list(texts))),
+        latent_shape=(scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3),
+        shift=float(world.config["shift"]) if config.sample.shift is None else config.sample.shift,
+        train_prompts=_prompt_set(config.prompts.train, world_prompts("train"), "train"),
+        eval_prompts=_prompt_set(config.prompts.eval, world_prompts("heldout"), "eval"),
+        rewards=_rewards(config.rewards, config.reward_options),
+        eval_rewards=_rewards(config.rewards, config.eval_reward_options),
+        lora_spec=spec,
+    )
+
+
+def _sd3_setup(config: ml_collections.ConfigDict) -> Setup:
+    from marble_jax import pipeline as sd3
+    from marble_jax.models.weights import read_config
+
+    m = config.model
+    dtype = jnp.dtype(m.dtype)
+    compute = jnp.dtype(m.compute_dtype) if m.compute_dtype else None
+    train_prompts = _prompt_set(config.prompts.train, None, "train")  # before the (slow) weights
+    eval_prompts = _prompt_set(config.prompts.eval, None, "eval")
+    train_rewards = _rewards(config.rewards, config.reward_options)
+    eval_rewards = _rewards(config.rewards, config.eval_reward_options)
+    # With encode_on_cpu every component loads into host memory; the trainer moves the transformer and the VAE
+    # to the mesh, the text encoders (T5-XXL: 19 GB in float32) never reach the accelerators.
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu) if m.encode_on_cpu else contextlib.nullcontext():
+        pipe = sd3.from_pretrained(m.path, dtype, use_t5=m.use_t5, params_checkpoint=m.params_checkpoint or None)
+    snapshot, _, _ = sd3.snapshot_components(m.path, m.use_t5)
+    velocity, init_trainable, spec = _velocity(
+        read_config(snapshot / "transformer"), pipe.transformer_fn, config, dtype=dtype, compute_dtype=compute, remat=m.remat
+    )
+    _, h, w, c = pipe.latent_shape(1, m.resolution, m.resolution)
+
+    def encode(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        with jax.default_device(cpu) if m.encode_on_cpu else contextlib.nullcontext():
+            return tuple(np.asarray(a) for a in pipe.encode(list(texts), max_sequence_length=m.max_sequence_length))
+
+    return Setup(
+        name=f"SD3 snapshot {m.path}",
+        velocity_fn=velocity,
+        base_params=pipe.params["transformer"],
+        init_trainable=init_trainable,
+        decode_fn=functools.partial(sd3.decode_images, pipe.vae_decode_fn),
+        decode_params=pipe.params["vae"],
+        encode=encode,
+        latent_shape=(h, w, c),
+        shift=pipe.shift if config.sample.shift is None else config.sample.shift,
+        train_prompts=train_prompts,
+        eval_prompts=eval_prompts,
+        rewards=train_rewards,
+        eval_rewards=eval_rewards,
+        lora_spec=spec,
+    )

@@ -1,0 +1,518 @@
+"""The RL loop: rollouts from the old policy, K rewards, per-reward advantages, DiffusionNFT updates balanced
+by the configured method, on a ``(data, fsdp)`` mesh, checkpointed and resumable.
+
+One epoch is one optimizer step (REFERENCE §2, the multi-reward config), as data::
+
+    prompts of the epoch (prompts.prompt_groups)      -> cached embeddings, repeated per image  [B, L, D], [B, Dp]
+    rollout(old params), in chunks                    -> latents x0 [B, h, w, c], images uint8 [B, H, W, 3]
+    K reward functions on a host thread pool          -> rewards [K, B]  (overlapping the next chunk's rollout)
+    train_step (one jitted program):
+      advantages per reward (group = prompt)          -> r [K, B] (or one row: single / weighted sum / sequential)
+      each sample's int(0.99 S) sampler timesteps     -> M = T x (B / train_batch) micro-batches
+      v_old, v_ref per micro-batch; NFT terms; balance.accumulated_direction -> direction (+ diagnostics)
+      clip + AdamW (skipped when not finite); old <- d old + (1 - d) theta; EMA for evaluation
+
+Keys are derived by name from the run's root key and the step (``fold_in``), and the prompts from
+``(seed, step)``, so a resumed run draws exactly the numbers of an uninterrupted one. Methods:
+``single`` (one reward), ``weighted_sum`` (the public baseline: one reward = weighted sum of raw scores),
+``sequential`` (one reward at a time, cycling through ``config.sequential_stages``), ``marble`` and
+``marble_amortized`` (:mod:`marble_jax.balance`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from marble_jax import advantages, balance, mgda, sampling, sharding
+from marble_jax.checkpoint import Checkpointer
+from marble_jax.experiment import Setup
+from marble_jax.nft_loss import NFTConfig, NFTInputs
+from marble_jax.prompts import Prompt, prompt_groups
+from marble_jax.scoring import Evaluator
+
+Array = jax.Array
+PyTree = Any
+METHODS = ("single", "weighted_sum", "sequential", "marble", "marble_amortized")
+RESUMABLE_CHANGES = ("total_epochs", "eval", "checkpoint", "log_every")
+"""Config entries a resumed run may change; any other difference from the checkpointed config is an error."""
+_PURPOSE = {"rollout": 0, "train": 1, "eval": 2, "init": 3}
+log = logging.getLogger("marble_jax.train")
+
+
+class TrainState(NamedTuple):
+    """The whole resumable state (a pytree; ``key`` is raw uint32 key data, ``step`` the data position)."""
+
+    step: Array
+    params: PyTree
+    old_params: PyTree
+    ema_params: PyTree
+    opt_state: Any
+    mgda: mgda.MGDAState
+    key: Array
+
+
+class EmbeddingCache:
+    """Host-side cache of prompt embeddings: each prompt is encoded once (the text encoders need not stay in
+    accelerator memory during training)."""
+
+    def __init__(self, encode: Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]], batch: int = 64):
+        self._encode, self._batch, self._cache = encode, batch, {}
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(context [N, L, D], pooled [N, Dp])`` of ``texts``."""
+        todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        for i in range(0, len(todo), self._batch):
+            chunk = todo[i : i + self._batch]
+            context, pooled = self._encode(chunk)
+            self._cache.update({t: (np.asarray(c), np.asarray(p)) for t, c, p in zip(chunk, context, pooled, strict=True)})
+        return np.stack([self._cache[t][0] for t in texts]), np.stack([self._cache[t][1] for t in texts])
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ValueError naming the config entry for settings the loop cannot run with (before any compute)."""
+    if config.method not in METHODS:
+        raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}")
+    names = list(config.rewards)
+    if not names:
+        raise ValueError("config.rewards is empty")
+    if config.method == "single" and config.single_reward not in names:
+        raise ValueError(f"config.single_reward {config.single_reward!r} is not one of config.rewards {names}")
+    if config.method == "weighted_sum":
+        unknown = set(config.reward_weights) - set(names)
+        if unknown:
+            raise ValueError(f"config.reward_weights has rewards not in config.rewards: {sorted(unknown)}")
+    if config.method == "sequential":
+        if not config.sequential_stages:
+            raise ValueError("config.sequential_stages is empty (method 'sequential' needs (reward, epochs) stages)")
+        for name, epochs in config.sequential_stages:
+            if name not in names or int(epochs) < 1:
+                raise ValueError(
+                    f"config.sequential_stages: stage ({name!r}, {epochs}) needs a reward of {names} and epochs >= 1"
+                )
+    s = config.sample
+    batch = s.prompts_per_epoch * s.images_per_prompt
+    for key, value in (("sample.rollout_batch", s.rollout_batch), ("sample.train_batch", s.train_batch)):
+        if value < 1 or batch % value:
+            raise ValueError(
+                f"config.{key} = {value} must divide the epoch batch prompts_per_epoch x images_per_prompt = {batch}"
+            )
+        if value % num_devices:
+            raise ValueError(f"config.{key} = {value} must be a multiple of the {num_devices} devices (batch-sharded)")
+    if config.eval.batch % num_devices:
+        raise ValueError(f"config.eval.batch = {config.eval.batch} must be a multiple of the {num_devices} devices")
+    if trained_timesteps(config) < 1:
+        raise ValueError(
+            f"config.sample.timestep_fraction x num_steps trains no timestep ({s.timestep_fraction} x {s.num_steps})"
+        )
+
+
+def trained_timesteps(config: ml_collections.ConfigDict) -> int:
+    """T, the timesteps of its own sampler grid each sample trains on: ``int(timestep_fraction * num_steps)``."""
+    return int(config.sample.timestep_fraction * config.sample.num_steps)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW (REFERENCE §2 defaults in the configs)."""
+    o = config.optim
+    return optax.chain(
+        optax.clip_by_global_norm(o.max_grad_norm),
+        optax.adamw(o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
+    )
+
+
+def old_policy_decay(step: Array, schedule: int) -> Array:
+    """``d`` of ``theta_old <- d theta_old + (1 - d) theta`` after optimizer step ``step`` (REFERENCE §2)."""
+    step = step.astype(jnp.float32)
+    if schedule == 1:
+        return jnp.minimum(0.001 * step, 0.5)
+    if schedule == 2:
+        return jnp.where(step < 75, 0.0, jnp.minimum(0.0075 * (step - 75), 0.999))
+    raise ValueError(f"config.old_policy_schedule must be 1 or 2, got {schedule}")
+
+
+def ema_decay(step: Array, max_decay: float) -> Array:
+    """Decay of the evaluation EMA with warm-up: ``min((1 + step) / (10 + step), max_decay)``."""
+    step = step.astype(jnp.float32)
+    return jnp.minimum((1 + step) / (10 + step), max_decay)
+
+
+def stage_reward(config: ml_collections.ConfigDict, step: int) -> int:
+    """Index (in ``config.rewards``) of the reward trained at ``step``: the single reward, or the sequential stage
+    (stages cycle); 0 for the other methods (unused)."""
+    names = list(config.rewards)
+    if config.method == "single":
+        return names.index(config.single_reward)
+    if config.method != "sequential":
+        return 0
+    stages = [(name, int(epochs)) for name, epochs in config.sequential_stages]
+    pos = step % sum(e for _, e in stages)
+    for name, epochs in stages:
+        if pos < epochs:
+            return names.index(name)
+        pos -= epochs
+    raise AssertionError("unreachable")
+
+
+def _key(root: Array, step: Array | int, purpose: str) -> Array:
+    return jax.random.fold_in(jax.random.fold_in(root, step), _PURPOSE[purpose])
+
+
+# ------------------------------------------------------------------------------------------- jitted steps
+
+
+def optimality_weights(
+    rewards: Array, active: Array, weights: Array, num_groups: int, config: ml_collections.ConfigDict
+) -> tuple[Array, Array]:
+    """``(r_all [K, B], r_applied)``: every reward's weights, and what the method trains on: ``[K, B]`` for the
+    MARBLE methods, ``[B]`` otherwise (the weighted-sum reward's, or reward ``active``'s)."""
+    group_size = config.sample.images_per_prompt
+    groups = jnp.repeat(jnp.arange(num_groups), group_size)
+    kw = dict(global_std=config.advantage.global_std, adv_clip_max=config.nft.adv_clip_max, eps=config.advantage.eps)
+    r_all = advantages.reward_weights(rewards, groups, num_groups, **kw)
+    if config.method in ("marble", "marble_amortized"):
+        return r_all, r_all
+    if config.method == "weighted_sum":
+        combined = advantages.weighted_sum_rewards(rewards, weights)
+        return r_all, advantages.reward_weights(combined[None], groups, num_groups, **kw)[0]
+    return r_all, r_all[active]
+
+
+def _micro(x: Array, timesteps: int, train_batch: int) -> Array:
+    """``[B, ...] -> [T * B / train_batch, train_batch, ...]``: the batch in chunks, repeated for each timestep."""
+    chunks = x.reshape((-1, train_batch) + x.shape[1:])
+    return jnp.broadcast_to(chunks[None], (timesteps,) + chunks.shape).reshape((-1, train_batch) + x.shape[1:])
+
+
+def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> Callable:
+    """``train_step(state, base, x0 [B, h, w, c], context [B, L, D], pooled [B, Dp], rewards [K, B], active, weights [K],
+    solve, diagnose) -> (state, metrics)`` (``solve`` and ``diagnose`` static): one optimizer step of the epoch's rollouts (see the module doc)."""
+    nft = NFTConfig(**config.nft)
+    mode = {"marble": "marble", "marble_amortized": "marble_amortized", "weighted_sum": "weighted_sum"}.get(
+        config.method, "single"
+    )
+    bal = balance.BalanceConfig(mode=mode, **config.balance)
+    s = config.sample
+    num_groups, timesteps, train_batch = s.prompts_per_epoch, trained_timesteps(config), s.train_batch
+    sigmas = sampling.sigma_schedule(s.num_steps, shift=setup.shift)
+
+    def train_step(state: TrainState, base, x0, context, pooled, rewards, active, weights, solve: bool, diagnose: bool):
+        def velocity(params, cond):
+            x_t, t, ctx, pld = cond
+            return setup.velocity_fn(base, params, x_t, t, ctx, pld)
+
+        root = jax.random.wrap_key_data(state.key)
+        k_perm, k_eps = jax.random.split(_key(root, state.step, "train"))
+        r_all, r_applied = optimality_weights(rewards, active, weights, num_groups, config)
+        batch = x0.shape[0]
+        # Each sample trains on T timesteps of its own grid, shuffled per sample.
+        perms = jax.vmap(lambda k: jax.random.permutation(k, s.num_steps))(jax.random.split(k_perm, batch))[:, :timesteps]
+        t = sigmas[perms].T.reshape(-1, train_batch)  # [M, mb], timestep-major like _micro
+        x0_m = _micro(x0, timesteps, train_batch)
+        eps = jax.random.normal(k_eps, x0_m.shape, x0_m.dtype)
+        tb = t[:, :, None, None, None]
+        x_t = (1 - tb) * x0_m + tb * eps
+        cond = (x_t, t, _micro(context, timesteps, train_batch), _micro(pooled, timesteps, train_batch))
+        v_old = jax.lax.map(lambda c: velocity(state.old_params, c), cond)
+        v_ref = jax.lax.map(lambda c: velocity(None, c), cond) if nft.kl_beta > 0 else jnp.zeros_like(v_old)
+        inputs = NFTInputs(x0_m, x_t, t, v_old, v_ref)
+        if r_applied.ndim == 2:
+            r_m = jnp.moveaxis(jax.vmap(lambda row: _micro(row, timesteps, train_batch))(r_applied), 0, 1)
+        else:
+            r_m = _micro(r_applied, timesteps, train_batch)
+        direction = balance.accumulated_direction(velocity, state.params, cond, inputs, r_m, state.mgda, nft, bal, solve=solve)
+        metrics = dict(direction.metrics)
+        if diagnose and mode not in ("marble", "marble_amortized"):
+            r_all_m = jnp.moveaxis(jax.vmap(lambda row: _micro(row, timesteps, train_batch))(r_all), 0, 1)
+            r_app_m = _micro(r_applied, timesteps, train_batch)
+            metrics.update(balance.accumulated_diagnostics(velocity, state.params, cond, inputs, r_all_m, r_app_m, nft))
+        ok = direction.finite
+        params, opt_state = balance.optimizer_step(tx, state.params, state.opt_state, direction)
+        d = old_policy_decay(state.step, config.old_policy_schedule)
+        e = ema_decay(state.step, config.ema_decay)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        old_params = keep(jax.tree.map(lambda o, p: d * o + (1 - d) * p, state.old_params, params), state.old_params)
+        ema_params = keep(jax.tree.map(lambda m, p: e * m + (1 - e) * p, state.ema_params, params), state.ema_params)
+        skipped_state = state.mgda._replace(nonfinite_count=state.mgda.nonfinite_count + 1)
+        new_mgda = keep(direction.state, skipped_state)
+        metrics.update(
+            skipped=~ok,
+            update_norm=optax.global_norm(direction.update),
+            old_decay=d,
+            mean_r=jnp.mean(r_applied),
+        )
+        new_state = TrainState(state.step + 1, params, old_params, ema_params, opt_state, new_mgda, state.key)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_rollout(setup: Setup, config: ml_collections.ConfigDict) -> Callable:
+    """``rollout(base, old, decode_params, context [b, L, D], pooled [b, Dp], key) -> (x0 [b, h, w, c], images uint8)``,
+    CFG-free with ``config.sample.method`` on ``config.sample.num_steps`` steps."""
+    s = config.sample
+    sigmas = sampling.sigma_schedule(s.num_steps, shift=setup.shift)
+
+    def rollout(base, old, decode_params, context, pooled, key):
+        k_init, k_sde = jax.random.split(key)
+        x_T = jax.random.normal(k_init, (context.shape[0], *setup.latent_shape), jnp.float32)
+        fn = lambda x, t: setup.velocity_fn(base, old, x, t, context, pooled)  # noqa: E731
+        x0 = sampling.sample(fn, x_T, sigmas, method=s.method, key=k_sde, eta=s.eta).latents
+        return x0, setup.decode_fn(decode_params, x0)
+
+    return rollout
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+class _Stop:
+    """SIGTERM (and SIGINT) while training: finish the step, save, return."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("received %s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def _check_resumable(saved: dict, current: dict) -> None:
+    changed = sorted(k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    if changed:
+        detail = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise ValueError(f"the checkpointed run's config differs in {changed} ({detail}); use a new --workdir to change them")
+
+
+def _score(reward_fns: dict, images: np.ndarray, prompts: Sequence[Prompt]) -> tuple[np.ndarray, list[str]]:
+    """``(rewards [K, B], faults)``: each reward on its own pool thread; NaN outside a reward's domain is kept (n/a),
+    a non-finite value inside it is a fault (listed by name and count)."""
+    texts, meta = [p.text for p in prompts], [p.metadata for p in prompts]
+    rows, faults = [], []
+    for name, fn in reward_fns.items():
+        row = np.asarray(fn(images, texts, meta), np.float32)
+        bad = ~np.isfinite(row) & fn.applies(texts, meta)
+        if bad.any():
+            faults.append(f"{name} is not finite on {int(bad.sum())} of {len(row)} samples where it applies")
+        rows.append(row)
+    return np.stack(rows), faults
+
+
+def make_init_state(setup: Setup, config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> Callable:
+    """``init(base) -> TrainState`` of a new run: step 0, fresh trainable parameters (old and EMA copies equal to
+    them), optimizer and MGDA states, the root key of ``config.seed``."""
+    root = jax.random.key(config.seed)
+
+    def init(base: PyTree) -> TrainState:
+        trainable = setup.init_trainable(base, _key(root, 0, "init"))
+        state = tx.init(trainable)
+        return TrainState(jnp.zeros((), jnp.int32), trainable, trainable, trainable, state, mgda.init_state(len(config.rewards)),
+                          jax.random.key_data(root))  # fmt: skip
+
+    return init
+
+
+def state_layout(
+    setup: Setup, config: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> tuple[TrainState, TrainState]:
+    """``(abstract, shardings)`` of the train state on ``mesh``: parameter-shaped trees (trainable, old, EMA,
+    optimizer moments) FSDP-sharded, the step, key and MGDA state replicated. ``abstract`` carries the shardings
+    (a restore target)."""
+    abstract = jax.eval_shape(make_init_state(setup, config, tx), setup.base_params)
+    rep = sharding.replicated(mesh)
+    shardings = sharding.param_shardings(abstract, mesh)
+    shardings = shardings._replace(step=rep, key=rep, mgda=jax.tree.map(lambda _: rep, abstract.mgda))
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+    return target, shardings
+
+
+def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
+    """Trains ``config.total_epochs`` optimizer steps (resuming from ``workdir``'s latest checkpoint); returns the state."""
+    from clu import metric_writers
+
+    workdir = Path(workdir)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    validate(config, mesh.size)
+    names = list(config.rewards)
+    k = len(names)
+    tx = make_optimizer(config)
+    s = config.sample
+    batch = s.prompts_per_epoch * s.images_per_prompt
+    log.info("model: %s | method %s | rewards %s | mesh %s", setup.name, config.method, names, dict(mesh.shape))
+
+    root = jax.random.key(config.seed)
+    base_sh = sharding.param_shardings(setup.base_params, mesh)
+    base = jax.device_put(setup.base_params, base_sh)
+    decode_params = jax.device_put(setup.decode_params, sharding.replicated(mesh))
+    target, state_sh = state_layout(setup, config, tx, mesh)
+    rep = sharding.replicated(mesh)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    meta = {"config": _config_dict(config), "rewards": names, "model": setup.name}
+    restored = ckpt.restore(target)
+    if restored is None:
+        state = jax.jit(make_init_state(setup, config, tx), out_shardings=state_sh)(base)
+        log.info("starting a new run in %s", workdir)
+    else:
+        step, state, saved_meta = restored
+        _check_resumable(saved_meta.get("config", {}), meta["config"])
+        log.info("resumed from %s step %d", workdir / "checkpoints", step)
+    (workdir / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+    bsh = lambda ndim: sharding.batch_sharding(mesh, ndim)  # noqa: E731
+    rollout = jax.jit(make_rollout(setup, config), out_shardings=(bsh(4), bsh(4)))
+    train_step = jax.jit(
+        make_train_step(setup, config, tx),
+        static_argnums=(8, 9),
+        in_shardings=(state_sh, base_sh, bsh(4), bsh(3), bsh(2), rep, rep, rep),
+        out_shardings=(state_sh, rep),
+        donate_argnums=(0,),
+    )
+    embed = EmbeddingCache(setup.encode)
+    weights = np.array([float(config.reward_weights.get(n, 1.0)) for n in names], np.float32)
+    # TensorBoard event files (process 0); the console gets the progress line and the evaluations.
+    writer = metric_writers.MultiWriter(
+        [metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(workdir)))] if jax.process_index() == 0 else []
+    )
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, k))
+    evaluator = Evaluator(setup, config, mesh)
+    total = config.total_epochs
+    start_step = int(sharding.to_host(state.step))
+    times: list[float] = []
+
+    with _Stop() as stop:
+        for step in range(start_step, total):
+            t0 = time.perf_counter()
+            if step % config.eval.every == 0 and (step > start_step or start_step == 0):
+                evaluator.run(state.ema_params, base, decode_params, step, writer, workdir)
+            idx = prompt_groups(s.prompts_per_epoch, config.seed, step, len(setup.train_prompts))
+            prompts = [setup.train_prompts[i] for i in idx for _ in range(s.images_per_prompt)]
+            context, pooled = embed([p.text for p in prompts])
+            # Rollouts in chunks; each chunk's rewards run on the pool while the device rolls out the next.
+            x0_chunks, futures = [], []
+            key = _key(root, step, "rollout")
+            outs = []
+            for c in range(batch // s.rollout_batch):
+                sl = slice(c * s.rollout_batch, (c + 1) * s.rollout_batch)
+                ctx = sharding.to_global(context[sl], bsh(3))
+                pld = sharding.to_global(pooled[sl], bsh(2))
+                outs.append(rollout(base, state.old_params, decode_params, ctx, pld, jax.random.fold_in(key, c)))
+            for c, (x0, images) in enumerate(outs):
+                x0_chunks.append(x0)
+                chunk_prompts = prompts[c * s.rollout_batch : (c + 1) * s.rollout_batch]
+                futures.append(pool.submit(_score, setup.rewards, sharding.to_host(images), chunk_prompts))
+            scored = [f.result() for f in futures]
+            rewards = np.concatenate([r for r, _ in scored], axis=1)
+            faults = [f for _, fs in scored for f in fs]
+            solve = config.method != "marble_amortized" or step % config.balance.solve_every == 0
+            diagnose = config.diagnostics_every > 0 and step % config.diagnostics_every == 0
+            if faults:
+                log.warning("step %d: reward fault, update skipped (weights untouched): %s", step, "; ".join(faults))
+                state = state._replace(step=state.step + 1)
+                metrics = {"skipped": True}
+            else:
+                x0 = jnp.concatenate(x0_chunks) if len(x0_chunks) > 1 else x0_chunks[0]
+                state, metrics = train_step(
+                    state,
+                    base,
+                    x0,
+                    sharding.to_global(context, bsh(3)),
+                    sharding.to_global(pooled, bsh(2)),
+                    rewards,
+                    stage_reward(config, step),
+                    weights,
+                    solve,
+                    diagnose,
+                )
+                metrics = jax.tree.map(sharding.to_host, metrics)
+                if bool(metrics["skipped"]):
+                    log.warning("step %d: the update direction is not finite, update skipped (weights untouched)", step)
+            times.append(time.perf_counter() - t0)
+            scalars = _flat_metrics(metrics, names)
+            scalars.update(
+                {f"train/{n}": float(np.nanmean(rewards[i])) for i, n in enumerate(names) if np.isfinite(rewards[i]).any()}
+            )
+            scalars["time/step_s"] = times[-1]
+            writer.write_scalars(step + 1, scalars)
+            if (step + 1) % config.log_every == 0 or step + 1 == total:
+                _progress(step + 1, total, times, scalars, names)
+            done = step + 1 == total
+            if stop.requested or done or (step + 1) % config.checkpoint.every == 0:
+                ckpt.save(step + 1, state, meta)
+            if stop.requested:
+                log.warning("stopped at step %d on request; resume by running the same command", step + 1)
+                break
+        else:
+            if total > start_step or start_step == 0:
+                evaluator.run(state.ema_params, base, decode_params, total, writer, workdir)
+    ckpt.close()
+    pool.shutdown()
+    writer.flush()
+    writer.close()
+    return state
+
+
+def _flat_metrics(metrics: dict, names: Sequence[str]) -> dict[str, float]:
+    """Scalars for the writer: ``[K]`` vectors split per reward name (``lambda/<reward>``)."""
+    out = {}
+    for key, value in metrics.items():
+        value = np.asarray(value)
+        if value.ndim == 1 and value.shape[0] == len(names):
+            out.update({f"{key}/{n}": float(v) for n, v in zip(names, value, strict=True)})
+        elif value.ndim == 0:
+            out[key] = float(value)
+    return out
+
+
+def _progress(step: int, total: int, times: list[float], scalars: dict, names: Sequence[str]) -> None:
+    """One console line: a bar, step time (median of the last 10, compilation excluded), ETA, loss and rewards."""
+    recent = sorted(times[-10:])[len(times[-10:]) // 2]
+    eta = recent * (total - step)
+    width = 20
+    filled = int(width * step / total)
+    rewards = " ".join(f"{n}={scalars[f'train/{n}']:.3f}" for n in names if f"train/{n}" in scalars)
+    loss = scalars.get("policy_loss", float("nan"))
+    log.info(
+        "[%s%s] %d/%d  %.2fs/step  ETA %dm%02ds  loss %.4f  %s",
+        "#" * filled,
+        "." * (width - filled),
+        step,
+        total,
+        recent,
+        eta // 60,
+        eta % 60,
+        loss,
+        rewards,
+    )
