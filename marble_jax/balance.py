@@ -196,15 +196,23 @@ def tree_all_finite(tree: PyTree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def _direction_from_gradients(rg: RewardGradients, state: mgda.MGDAState, cfg: BalanceConfig) -> Direction:
+def _direction_from_gradients(rg: RewardGradients, state: mgda.MGDAState, cfg: BalanceConfig, mask: Array | None) -> Direction:
     """The MARBLE direction of per-reward gradients: Gram matrix, harmonised coefficients, plus the KL gradient."""
     gram = mgda.gram_matrix(rg.grads)
     h = mgda.harmonize(
-        gram, state, ema_decay=cfg.ema_decay, normalize=cfg.normalize, rescale=cfg.rescale, max_iters=cfg.max_iters, tol=cfg.tol
+        gram,
+        state,
+        ema_decay=cfg.ema_decay,
+        normalize=cfg.normalize,
+        rescale=cfg.rescale,
+        max_iters=cfg.max_iters,
+        tol=cfg.tol,
+        mask=mask,
     )
     policy = mgda.combine(rg.grads, h.coefficients)
     update = jax.tree.map(jnp.add, policy, rg.kl_grad)
     cos = mgda.direction_cosines(gram, h.coefficients)
+    live = jnp.ones(cos.shape, bool) if mask is None else mask
     metrics = {
         "policy_losses": rg.policy_losses,
         "policy_loss": jnp.dot(h.coefficients, rg.policy_losses),
@@ -214,8 +222,8 @@ def _direction_from_gradients(rg: RewardGradients, state: mgda.MGDAState, cfg: B
         "coefficients": h.coefficients,
         "grad_norms": jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0)),
         "cosines": cos,
-        "min_cosine": jnp.min(cos),
-        "anti_aligned": jnp.any(cos < 0),
+        "min_cosine": jnp.min(jnp.where(live, cos, jnp.inf)),
+        "anti_aligned": jnp.any(live & (cos < 0)),
         "mgda_gap": h.state.gap,
         "mgda_iterations": h.state.iterations,
     }
@@ -245,6 +253,7 @@ def accumulated_direction(
     cfg: BalanceConfig,
     *,
     solve: bool = True,
+    mask: Array | None = None,
 ) -> Direction:
     """:func:`update_direction` of the mean loss over M micro-batches (e.g. the trained timesteps of a rollout batch).
 
@@ -252,6 +261,7 @@ def accumulated_direction(
     and of ``r`` (``[M, B]`` or ``[M, K, B]``) has a leading axis M. The per-reward gradients (or the one weighted
     gradient) are averaged over the micro-batches under ``jax.lax.scan`` before the MGDA solve, so the balance is
     computed on the whole batch's gradients, with one micro-batch's activations in memory at a time.
+    ``mask [K]``: rewards to leave out of a solve (see :func:`marble_jax.mgda.harmonize`); all by default.
     """
     if cfg.mode in ("single", "weighted_sum"):
         if r.ndim != 2:
@@ -263,7 +273,7 @@ def accumulated_direction(
         def rows(c, inp, rm):
             return reward_gradients(lambda p: velocity_fn(p, c), params, inp, rm, nft, cfg.row_chunk)
 
-        return _direction_from_gradients(_micro_mean(rows, (cond, inputs, r)), state, cfg)
+        return _direction_from_gradients(_micro_mean(rows, (cond, inputs, r)), state, cfg, mask)
     scale: Array | float = 1.0
     if cfg.mode == "marble_amortized":
         c = state.coefficients
@@ -307,14 +317,21 @@ def update_direction(
 
 
 def accumulated_diagnostics(
-    velocity_fn: MicroVelocityFn, params: PyTree, cond: PyTree, inputs: NFTInputs, r: Array, r_applied: Array, nft: NFTConfig
+    velocity_fn: MicroVelocityFn,
+    params: PyTree,
+    cond: PyTree,
+    inputs: NFTInputs,
+    r: Array,
+    r_applied: Array,
+    nft: NFTConfig,
+    mask: Array | None = None,
 ) -> dict[str, Array]:
     """Cosines between the policy direction of ``r_applied [M, B]`` and each reward's (``r [M, K, B]``), on the
     gradients averaged over M micro-batches (as :func:`accumulated_direction`).
 
     For modes that do not compute per-reward gradients themselves (the weighted sum): K + 1 backward
     passes, so call it on a subset of steps. Returns ``cosines [K]``, ``min_cosine``, ``anti_aligned``
-    and ``grad_norms [K]``.
+    and ``grad_norms [K]``; rewards ``False`` in ``mask [K]`` do not count in ``min_cosine`` / ``anti_aligned``.
     """
     no_kl = dataclasses.replace(nft, kl_beta=0.0)
 
@@ -326,10 +343,11 @@ def accumulated_diagnostics(
     k = r.shape[1]
     sel = jnp.zeros((k + 1,), jnp.float32).at[k].set(1)
     cos = mgda.direction_cosines(gram, sel)[:k]
+    live = jnp.ones((k,), bool) if mask is None else mask
     return {
         "cosines": cos,
-        "min_cosine": jnp.min(cos),
-        "anti_aligned": jnp.any(cos < 0),
+        "min_cosine": jnp.min(jnp.where(live, cos, jnp.inf)),
+        "anti_aligned": jnp.any(live & (cos < 0)),
         "grad_norms": jnp.sqrt(jnp.maximum(jnp.diagonal(gram)[:k], 0)),
     }
 

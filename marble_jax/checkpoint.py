@@ -11,9 +11,11 @@ multi-host job call every method; orbax coordinates them.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 PyTree = Any
@@ -66,12 +68,30 @@ class Checkpointer:
             if step not in (steps := self.steps()):
                 raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step} (committed: {steps})")
             return (step, *self._read(target, step))
+        unreadable = []
         for s in reversed(self.steps()):
             try:
-                return (s, *self._read(target, s))
+                found = (s, *self._read(target, s))
             except CheckpointReadError as e:
                 log.warning("%s; trying the previous checkpoint", e)
+                unreadable.append(s)
+                continue
+            self._set_aside(unreadable)
+            return found
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unreadable steps newer than the restored one to ``<directory>/unreadable/<step>`` (kept for
+        inspection), so the resumed run can save those steps again."""
+        if steps and jax.process_index() == 0:
+            aside = self.directory / "unreadable"
+            aside.mkdir(exist_ok=True)
+            for s in steps:
+                target = aside / f"{s}.{int(time.time())}"
+                (self.directory / str(s)).rename(target)
+                log.warning("moved the unreadable checkpoint %s/%d to %s", self.directory, s, target)
+        if steps:
+            self._manager.reload()
 
     def _read(self, target: PyTree, step: int) -> tuple[PyTree, dict]:
         where = f"{self.directory}/{step}"
@@ -104,3 +124,10 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def quiet_orbax_logs() -> None:
+    """Keeps only orbax's warnings in the absl log (it logs every checkpoint operation at INFO)."""
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().addFilter(lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)

@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from marble_jax import results_table, sharding, train
-from marble_jax.checkpoint import Checkpointer
+from marble_jax.checkpoint import Checkpointer, quiet_orbax_logs
 from marble_jax.experiment import Setup, build_setup
 from marble_jax.scoring import Evaluator
 
@@ -39,7 +39,7 @@ def evaluate_runs(
     Raises:
       FileNotFoundError: a workdir without a readable checkpoint (or without ``step``).
     """
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = train.run_mesh(config)
     base = jax.device_put(setup.base_params, sharding.param_shardings(setup.base_params, mesh))
     decode_params = jax.device_put(setup.decode_params, sharding.replicated(mesh))
     target, _ = train.state_layout(setup, config, train.make_optimizer(config), mesh)
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     std_logging.getLogger("marble_jax").setLevel(std_logging.INFO)
-    logging.get_absl_handler().addFilter(lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
+    quiet_orbax_logs()
     config = _CONFIG.value
     for workdir in _CHECKPOINTS.value:
         if not (Path(workdir) / "checkpoints").is_dir():

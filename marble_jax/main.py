@@ -17,6 +17,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from marble_jax.checkpoint import quiet_orbax_logs
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file (append :sd35 for the paper's scale)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events, samples; default runs/<config name>")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-host)")
@@ -37,8 +39,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     std_logging.getLogger("marble_jax").setLevel(std_logging.INFO)
-    # orbax logs every checkpoint operation at INFO: keep its warnings only.
-    logging.get_absl_handler().addFilter(lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
+    quiet_orbax_logs()
     if _DISTRIBUTED.value:
         initialize_distributed()
     from marble_jax import experiment, train

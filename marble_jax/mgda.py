@@ -262,11 +262,13 @@ def harmonize(
     rescale: bool = True,
     max_iters: int = 1000,
     tol: float = 1e-5,
+    mask: Array | None = None,
 ) -> Harmonized:
     """MARBLE's recipe on a Gram matrix ``[K, K]`` of the raw per-objective gradients.
 
-    1. norms ``n_k = sqrt(G_kk)``; objectives with ``n_k = 0`` carry no direction and are left
-       out (weight 0, coefficient 0);
+    1. norms ``n_k = sqrt(G_kk)``; objectives with ``n_k = 0``, or ``False`` in ``mask [K]`` (e.g. a
+       reward that applies to no sample of the batch: its gradient is rounding noise, which
+       normalisation would blow up to a unit direction), are left out (weight 0, coefficient 0);
     2. ``normalize``: solve on the Gram matrix of ``u_k = g_k / n_k``;
     3. ``lam = min_norm(...)``;
     4. EMA ``lam_bar <- ema_decay * lam_bar + (1 - ema_decay) * lam`` (the first solve sets
@@ -284,8 +286,8 @@ def harmonize(
     finite = jnp.all(jnp.isfinite(gram))
     safe = jnp.where(finite, gram, 0)
     sq = jnp.maximum(jnp.diagonal(safe), 0)
-    active = sq > 0
-    norms = jnp.sqrt(sq)
+    active = sq > 0 if mask is None else (sq > 0) & mask
+    norms = jnp.where(active, jnp.sqrt(sq), 0)
     inv = jnp.where(active, 1 / jnp.where(active, norms, 1), 0)
     solve_gram = safe * inv[:, None] * inv[None, :] if normalize else safe
     info = min_norm_with_info(solve_gram, active, max_iters=max_iters, tol=tol)

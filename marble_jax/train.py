@@ -202,7 +202,8 @@ def _micro(x: Array, timesteps: int, train_batch: int) -> Array:
 
 def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> Callable:
     """``train_step(state, base, x0 [B, h, w, c], context [B, L, D], pooled [B, Dp], rewards [K, B], active, weights [K],
-    solve, diagnose) -> (state, metrics)`` (``solve`` and ``diagnose`` static): one optimizer step of the epoch's rollouts (see the module doc)."""
+    solve, diagnose) -> (state, metrics)``, ``solve`` and ``diagnose`` static: one optimizer step of the epoch's
+    rollouts (see the module doc)."""
     nft = NFTConfig(**config.nft)
     mode = {"marble": "marble", "marble_amortized": "marble_amortized", "weighted_sum": "weighted_sum"}.get(
         config.method, "single"
@@ -236,12 +237,17 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.G
             r_m = jnp.moveaxis(jax.vmap(lambda row: _micro(row, timesteps, train_batch))(r_applied), 0, 1)
         else:
             r_m = _micro(r_applied, timesteps, train_batch)
-        direction = balance.accumulated_direction(velocity, state.params, cond, inputs, r_m, state.mgda, nft, bal, solve=solve)
+        # A reward with no advantage signal in this batch (applies to no sample, or ties everywhere) has r = 0.5 on
+        # every sample: its gradient is rounding noise and is left out of the balance.
+        live = jnp.any(r_all != 0.5, axis=1)
+        direction = balance.accumulated_direction(
+            velocity, state.params, cond, inputs, r_m, state.mgda, nft, bal, solve=solve, mask=live
+        )
         metrics = dict(direction.metrics)
         if diagnose and mode not in ("marble", "marble_amortized"):
             r_all_m = jnp.moveaxis(jax.vmap(lambda row: _micro(row, timesteps, train_batch))(r_all), 0, 1)
             r_app_m = _micro(r_applied, timesteps, train_batch)
-            metrics.update(balance.accumulated_diagnostics(velocity, state.params, cond, inputs, r_all_m, r_app_m, nft))
+            metrics.update(balance.accumulated_diagnostics(velocity, state.params, cond, inputs, r_all_m, r_app_m, nft, live))
         ok = direction.finite
         params, opt_state = balance.optimizer_step(tx, state.params, state.opt_state, direction)
         d = old_policy_decay(state.step, config.old_policy_schedule)
@@ -253,9 +259,10 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.G
         new_mgda = keep(direction.state, skipped_state)
         metrics.update(
             skipped=~ok,
-            update_norm=optax.global_norm(direction.update),
+            update_norm=optax.tree.norm(direction.update),
             old_decay=d,
             mean_r=jnp.mean(r_applied),
+            live_rewards=live.astype(jnp.float32),
         )
         new_state = TrainState(state.step + 1, params, old_params, ema_params, opt_state, new_mgda, state.key)
         return new_state, metrics
@@ -329,6 +336,12 @@ def _score(reward_fns: dict, images: np.ndarray, prompts: Sequence[Prompt]) -> t
     return np.stack(rows), faults
 
 
+def run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The ``(data, fsdp)`` mesh of ``config.mesh`` over all devices (or the first ``num_devices``)."""
+    m = config.mesh
+    return sharding.make_mesh(m.data, m.fsdp, jax.devices()[: m.num_devices] if m.num_devices else None)
+
+
 def make_init_state(setup: Setup, config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> Callable:
     """``init(base) -> TrainState`` of a new run: step 0, fresh trainable parameters (old and EMA copies equal to
     them), optimizer and MGDA states, the root key of ``config.seed``."""
@@ -362,7 +375,7 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path) ->
     from clu import metric_writers
 
     workdir = Path(workdir)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = run_mesh(config)
     validate(config, mesh.size)
     names = list(config.rewards)
     k = len(names)
@@ -382,6 +395,8 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path) ->
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     meta = {"config": _config_dict(config), "rewards": names, "model": setup.name}
     restored = ckpt.restore(target)
+    if restored is None and ckpt.steps():
+        raise RuntimeError(f"{ckpt.directory} has checkpoints {ckpt.steps()} but none is readable (see the warnings above)")
     if restored is None:
         state = jax.jit(make_init_state(setup, config, tx), out_shardings=state_sh)(base)
         log.info("starting a new run in %s", workdir)

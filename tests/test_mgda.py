@@ -187,6 +187,19 @@ def test_harmonize_normalize_rescale_and_ema():
     assert int(out2.state.count) == 2
 
 
+def test_masked_noise_gradient_gets_no_weight():
+    """A reward with no signal in the batch has a rounding-noise gradient: unmasked, normalisation turns it into a
+    unit direction that takes weight; masked, it gets none and the others are solved as if K = 2."""
+    g = jnp.array([[1.0, 0.2, 0.0], [0.1, 1.0, 0.3], [3e-9, -2e-9, 1e-9]])
+    unmasked = mgda.harmonize(g @ g.T, mgda.init_state(3))
+    assert float(unmasked.weights[2]) > 0.1
+    out = mgda.harmonize(g @ g.T, mgda.init_state(3), mask=jnp.array([True, True, False]))
+    two = mgda.harmonize(g[:2] @ g[:2].T, mgda.init_state(2))
+    np.testing.assert_allclose(out.weights, [*two.weights, 0.0], atol=1e-6)
+    np.testing.assert_allclose(out.coefficients, [*two.coefficients, 0.0], rtol=1e-5, atol=1e-9)
+    assert float(out.state.norms[2]) == 0.0
+
+
 def test_nonfinite_gradient_leaves_state_untouched():
     state = mgda.harmonize(mgda.gram_matrix(jnp.eye(3)), mgda.init_state(3)).state
     bad = jnp.array([[1.0, jnp.nan, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])

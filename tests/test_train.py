@@ -1,0 +1,271 @@
+"""The trainer on a tiny random world: resume after a corrupt checkpoint, skipped updates on faults, bad input.
+
+Every run uses ``tests/tiny_config.py`` (2 prompts x 4 images, 4 sampler steps, K = 3, marble_amortized with a
+solve every 2 steps, a checkpoint every step). The reference run (4 uninterrupted steps) is shared by the tests
+that compare final parameters; runs are deterministic, so a resumed run must end with the same parameters.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tiny_config
+from helpers import save_tiny_world
+
+from marble_jax import experiment, sharding, train
+from marble_jax.checkpoint import Checkpointer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return save_tiny_world(tmp_path_factory.mktemp("tiny_world"))
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    """``(config, setup, state)`` of the uninterrupted 4-step run."""
+    config = tiny_config.get_config(str(world))
+    setup = experiment.build_setup(config)
+    state = train.run(setup, config, tmp_path_factory.mktemp("reference"))
+    return config, setup, state
+
+
+def final_state(setup, config, workdir: Path) -> train.TrainState:
+    """The latest checkpointed state of ``workdir``."""
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    target, _ = train.state_layout(setup, config, train.make_optimizer(config), mesh)
+    with Checkpointer(workdir / "checkpoints", async_save=False) as ckpt:
+        step, state, _ = ckpt.restore(target)
+    return state
+
+
+def assert_same_params(a, b, rtol: float = 1e-6):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=1e-7)
+
+
+def test_reference_run_learns(reference):
+    _, _, state = reference
+    assert int(state.step) == 4
+    lora_b = [np.asarray(v["b"]) for v in state.params.values()]
+    assert any(np.abs(b).max() > 0 for b in lora_b), "LoRA B stayed at zero: no update was applied"
+    assert int(state.mgda.count) == 2  # full solves at steps 0 and 2 (solve_every = 2)
+    ema = np.asarray(state.mgda.ema_weights)
+    assert ema.shape == (3,) and abs(ema.sum() - 1) < 1e-5
+
+
+def test_workdir_contents(world, tmp_path):
+    config = tiny_config.get_config(str(world))
+    config.total_epochs = 2
+    train.run(experiment.build_setup(config), config, tmp_path)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
+    assert list(tmp_path.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert (tmp_path / "samples" / "step_000000.png").is_file() and (tmp_path / "samples" / "step_000002.png").is_file()
+    evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2] and set(evals[0]) == {"step", *config.rewards}
+    assert json.loads((tmp_path / "config.json").read_text())["rewards"] == list(config.rewards)
+
+
+def test_resume_past_a_corrupt_checkpoint_equals_uninterrupted(reference, tmp_path, caplog):
+    config, setup, ref = reference
+    short = tiny_config.get_config(config.model.world_dir)
+    short.total_epochs = 3
+    train.run(setup, short, tmp_path)
+    data = [p for p in (tmp_path / "checkpoints" / "3").rglob("*") if p.is_file() and p.stat().st_size > 0]
+    for p in data:  # truncate every file of the latest checkpoint
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING):
+        state = train.run(setup, config, tmp_path)
+    assert any("3" in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert int(state.step) == 4
+    assert_same_params(state.params, ref.params)
+    assert_same_params(state.ema_params, ref.ema_params)
+    assert_same_params(state.old_params, ref.old_params)
+
+
+def test_nonfinite_direction_skips_the_update(reference, tmp_path, caplog):
+    config, setup, _ = reference
+    config = tiny_config.get_config(config.model.world_dir)
+    config.total_epochs = 2
+    config.eval.every = 100
+
+    def nan_velocity(base, trainable, x, *args):
+        v = setup.velocity_fn(base, trainable, x, *args)
+        return v * jnp.nan if trainable is not None else v  # the reference model stays finite
+
+    broken = dataclasses.replace(setup, velocity_fn=nan_velocity)
+    init = jax.jit(train.make_init_state(setup, config, train.make_optimizer(config)))(setup.base_params)
+    with caplog.at_level(logging.WARNING):
+        state = train.run(broken, config, tmp_path)
+    skipped = [r for r in caplog.records if "not finite" in r.getMessage()]
+    assert len(skipped) == 2
+    assert int(state.mgda.nonfinite_count) == 2
+    assert_same_params(state.params, init.params, rtol=0)
+    assert_same_params(state.opt_state, init.opt_state, rtol=0)
+
+
+def test_reward_fault_skips_the_update(reference, tmp_path, caplog):
+    config, setup, _ = reference
+    config = tiny_config.get_config(config.model.world_dir)
+    config.total_epochs = 2
+    config.eval.every = 100
+    good = setup.rewards["world_aesthetic"]
+
+    def broken(images, prompts, metadata):
+        out = np.array(good(images, prompts, metadata))
+        out[1] = np.nan  # a dense reward applies everywhere: NaN here is a fault, not "does not apply"
+        return out
+
+    broken.applies = good.applies
+    faulty = dataclasses.replace(setup, rewards={**setup.rewards, "world_aesthetic": broken})
+    init = jax.jit(train.make_init_state(setup, config, train.make_optimizer(config)))(setup.base_params)
+    with caplog.at_level(logging.WARNING):
+        state = train.run(faulty, config, tmp_path)
+    faults = [r.getMessage() for r in caplog.records if "reward fault" in r.getMessage()]
+    assert len(faults) == 2 and "world_aesthetic" in faults[0]
+    assert int(state.step) == 2
+    assert_same_params(state.params, init.params, rtol=0)
+
+
+def _main(workdir: Path, world: Path, *overrides: str, **kw) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "marble_jax.main",
+        f"--config={ROOT / 'tests' / 'tiny_config.py'}:{world}",
+        f"--workdir={workdir}",
+    ]
+    return subprocess.Popen([*cmd, *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 300) -> str:
+    """Reads the process output until a line contains ``needle``; returns what was read."""
+    seen, start = [], time.time()
+    while time.time() - start < timeout:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"{needle!r} not seen; output:\n{''.join(seen)[-3000:]}")
+
+
+def test_sigterm_saves_and_kill9_resumes(reference, tmp_path):
+    config, setup, ref = reference
+    world = Path(config.model.world_dir)
+    # SIGTERM after the first step: the trainer saves and exits cleanly.
+    proc = _main(tmp_path, world)
+    _wait_for(proc, "1/4")
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped at step" in out
+    steps = Checkpointer(tmp_path / "checkpoints").steps()
+    assert steps and max(steps) < 4
+    # kill -9 after the next step, then run to the end.
+    proc = _main(tmp_path, world)
+    _wait_for(proc, f"{max(steps) + 1}/4")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc = _main(tmp_path, world)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "resumed from" in out
+    assert_same_params(final_state(setup, config, tmp_path).params, ref.params)
+
+
+def test_bad_inputs_fail_before_compute(world, tmp_path):
+    config = tiny_config.get_config(str(world))
+    config.model.path = str(tmp_path / "no_such_snapshot")
+    config.prompts.train = str(tmp_path / "train.txt")
+    (tmp_path / "train.txt").write_text("a cat\n")
+    config.prompts.eval = str(tmp_path / "train.txt")
+    with pytest.raises((FileNotFoundError, OSError), match="no_such_snapshot"):
+        experiment.build_setup(config)
+
+    config = tiny_config.get_config(str(tmp_path / "no_world"))
+    with pytest.raises(FileNotFoundError, match="no_world"):
+        experiment.build_setup(config)
+
+    config = tiny_config.get_config(str(world))
+    config.reward_options.world_aesthetic = {"root": str(tmp_path / "no_rewards")}
+    with pytest.raises(FileNotFoundError, match="no_rewards"):
+        experiment.build_setup(config)
+
+    config = tiny_config.get_config(str(world))
+    config.rewards = ("world_geneval", "pickscore_typo")
+    with pytest.raises(ValueError, match="pickscore_typo"):
+        experiment.build_setup(config)
+
+    (tmp_path / "empty.txt").write_text("\n\n")
+    config = tiny_config.get_config(str(world))
+    config.prompts.train = str(tmp_path / "empty.txt")
+    with pytest.raises(ValueError, match="empty.txt"):
+        experiment.build_setup(config)
+
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a cat", "tag": "counting", "include": [{"class": "cat", "count": 0}]}\n')
+    config.prompts.train = str(tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match=r"bad.jsonl.*1"):
+        experiment.build_setup(config)
+
+    config = tiny_config.get_config(str(world))
+    config.sample.train_batch = 3
+    with pytest.raises(ValueError, match="train_batch"):
+        train.validate(config, 1)
+
+
+def test_unknown_config_key_is_named(world, tmp_path):
+    start = time.time()
+    proc = _main(tmp_path, world, "--config.sample.num_stepz=3")
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and "num_stepz" in out
+    assert not (tmp_path / "checkpoints").exists()
+    assert time.time() - start < 120
+
+
+def test_sharded_runs_match_one_device(reference, tmp_path):
+    """1 device vs meshes data 2 x fsdp 4 and 8 x 1 (8 host devices, in a subprocess)."""
+    config, _, _ = reference
+    script = f"""
+import sys, json, numpy as np, jax
+sys.path.insert(0, {str(ROOT / "tests")!r})
+import tiny_config
+from marble_jax import experiment, train
+out = {{}}
+for name, (n, data, fsdp) in {{"one": (1, 1, 1), "d2f4": (8, 2, 4), "d8f1": (8, 8, 1)}}.items():
+    config = tiny_config.get_config({config.model.world_dir!r})
+    config.total_epochs = 3
+    config.sample.update(rollout_batch=8, train_batch=8)
+    config.mesh.update(num_devices=n, data=data, fsdp=fsdp)
+    state = train.run(experiment.build_setup(config), config, {str(tmp_path)!r} + "/" + name)
+    out[name] = [np.asarray(x).tolist() for x in jax.tree.leaves(state.params)]
+    init = train.make_init_state(experiment.build_setup(config), config, train.make_optimizer(config))
+out["init"] = [np.asarray(x).tolist() for x in jax.tree.leaves(init(experiment.build_setup(config).base_params).params)]
+json.dump(out, open({str(tmp_path / "params.json")!r}, "w"))
+"""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = {k: [np.asarray(x) for x in v] for k, v in json.loads((tmp_path / "params.json").read_text()).items()}
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(out["one"], out["init"], strict=True))
+    assert moved > 1e-3, "the runs did not train"
+    # Not bitwise: sharded reductions sum in another order; a last-bit difference can flip the rounding of an image
+    # pixel (rewards read uint8 images), and AdamW moves a parameter by ~lr whatever its gradient's size, so a
+    # near-zero gradient's rounding shows at ~lr scale. Bound: 2% of the largest parameter change.
+    for name in ("d2f4", "d8f1"):
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(out["one"], out[name], strict=True))
+        assert diff < 0.02 * moved, (name, diff, moved)
