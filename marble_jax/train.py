@@ -465,9 +465,9 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path) ->
                     x0,
                     sharding.to_global(context, bsh(3)),
                     sharding.to_global(pooled, bsh(2)),
-                    rewards,
-                    stage_reward(config, step),
-                    weights,
+                    sharding.to_global(rewards, rep),
+                    sharding.to_global(np.int32(stage_reward(config, step)), rep),
+                    sharding.to_global(weights, rep),
                     solve,
                     diagnose,
                 )

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -269,3 +270,23 @@ json.dump(out, open({str(tmp_path / "params.json")!r}, "w"))
     for name in ("d2f4", "d8f1"):
         diff = max(float(np.abs(a - b).max()) for a, b in zip(out["one"], out[name], strict=True))
         assert diff < 0.02 * moved, (name, diff, moved)
+
+
+def test_two_process_run_matches_one_device(reference, tmp_path):
+    """Two ``jax.distributed`` processes (one CPU device each, gloo collectives) on a data 2 x fsdp 1 mesh."""
+    config, setup, ref = reference
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    flags = ["--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--config.mesh.data=2"]
+    procs = [_main(tmp_path, Path(config.model.world_dir), *flags, f"--process_id={i}", env=env) for i in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    assert "process 1 of 2" in outs[1]
+    state = final_state(setup, config, tmp_path)
+    moved = max(float(np.abs(x["b"]).max()) for x in ref.params.values())  # LoRA B starts at 0
+    pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params), strict=True)
+    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in pairs)
+    assert moved > 1e-3 and diff < 0.02 * moved, (diff, moved)
