@@ -480,7 +480,11 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path) ->
                 {f"train/{n}": float(np.nanmean(rewards[i])) for i, n in enumerate(names) if np.isfinite(rewards[i]).any()}
             )
             scalars["time/step_s"] = times[-1]
+            scalars["diagnostics"] = float(diagnose and config.method not in ("marble", "marble_amortized"))
             writer.write_scalars(step + 1, scalars)
+            if jax.process_index() == 0:
+                with open(workdir / "metrics.jsonl", "a") as f:  # the same scalars, for scripts
+                    f.write(json.dumps({"step": step + 1, **scalars}) + "\n")
             if (step + 1) % config.log_every == 0 or step + 1 == total:
                 _progress(step + 1, total, times, scalars, names)
             done = step + 1 == total

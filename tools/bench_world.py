@@ -14,14 +14,18 @@ Measured (2-core CPU shared with other jobs; ``pretrain_world.py --seed 0``, bat
     steps  loss   geneval partial  geneval strict  ocr
     200    0.221  0.192            0.219           0.039
     400    0.158  0.172            0.263           0.031   (per-kind 64: 0.184 / 0.263 / 0.027)
-    600    0.131  0.179            0.234           0.023
-    800    0.116  0.201            0.247           0.027   (per-kind 64; the shipped checkpoint)
+    800    0.116  0.201            0.247           0.027   (per-kind 64)
+    1500   0.091  0.251            0.250           0.023
+    2000   0.085  0.198            0.177           0.026
+    3000   0.065  0.261            0.177           0.034   (the shipped checkpoint)
 
-Strict GenEval sits in 0.2-0.3 from step 200 on (single / two objects learned, counting and colour
-binding not), OCR of unseen words stays near 0: every reward keeps headroom, so training stops at 800 steps
-(about 20 minutes here). Visually the 800-step samples are still specks and 4x4-patch blobs in roughly the
-prompted colours, not clean shapes; a longer run (``--steps``, ``--save-every``) makes a stronger base.
-Sampling 64 images x 10 Euler steps: 2.1 s after an 8 s first call.
+The rule scores barely move with training: strict GenEval stays in 0.18-0.26 (single and two objects
+partly learned, counting never, colour binding rarely), OCR of unseen words near 0. What does change is
+what the samples look like: at 800 steps they are multicoloured 4x4-patch specks that hardly depend on the
+prompt; at 3000 steps each prompt's colours are right and the objects are coherent blobs with rough shapes
+(``--grid``). The shipped base is the 3000-step one (``pretrain_world.py --steps 3000``, about 40 minutes
+here): conditioned enough that the dense rewards see the prompt, still far from the rules (every reward keeps
+headroom). Sampling 64 images x 10 Euler steps: 2.1 s after an 8 s first call.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Pretrains the embedded world's base model (marble_jax/world/model.py) and writes its checkpoint.
 
-    python tools/pretrain_world.py --steps 800 --out marble_jax/world/assets --seed 0
+    python tools/pretrain_world.py --steps 3000 --out marble_jax/world/assets --seed 0
 
 Deterministic in ``--seed``: batch ``i`` is ``scenes.sample_scenes(seed * 1_000_003 + i, batch, "train")``
 (every prompt kind uniformly), its noise ``fold_in(key, i)``. AdamW with a linear warmup then a constant
@@ -22,7 +22,7 @@ import optax
 from marble_jax.world import model as world_model
 from marble_jax.world import scenes
 
-DEFAULT_STEPS = 800
+DEFAULT_STEPS = 3000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
