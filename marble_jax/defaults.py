@@ -100,7 +100,7 @@ def get_config(scale: str = "world") -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=placeholder(int), fsdp=placeholder(int), num_devices=placeholder(int)))
     c.log_every = 1
     if scale == "world":
-        c.total_epochs = 60
+        c.total_epochs = 30
         c.sample.update(num_steps=10, images_per_prompt=8, prompts_per_epoch=8, rollout_batch=32, train_batch=64)
         c.model.compute_dtype = ""
         c.model.remat = False

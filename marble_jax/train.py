@@ -47,7 +47,7 @@ from marble_jax.scoring import Evaluator
 Array = jax.Array
 PyTree = Any
 METHODS = ("single", "weighted_sum", "sequential", "marble", "marble_amortized")
-RESUMABLE_CHANGES = ("total_epochs", "eval", "checkpoint", "log_every")
+RESUMABLE_CHANGES = ("total_epochs", "eval", "checkpoint", "log_every", "diagnostics_every")
 """Config entries a resumed run may change; any other difference from the checkpointed config is an error."""
 _PURPOSE = {"rollout": 0, "train": 1, "eval": 2, "init": 3}
 log = logging.getLogger("marble_jax.train")

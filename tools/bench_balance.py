@@ -1,6 +1,7 @@
 """Training-step cost of the update modes, side by side: weighted sum, MARBLE, amortised MARBLE.
 
     python tools/bench_balance.py [--ks 5,16] [--solve-every 10] [--repeats 10]
+    python tools/bench_balance.py --network world_train      # the trainer's real step on the embedded world
 
 For each K, one jitted training step per mode (direction + AdamW with global-norm clipping),
 timed in the same run, on LoRA (r = 32, the joint attention) over a frozen 12.6M-parameter
@@ -12,6 +13,11 @@ R backward rows, a backward ~ 2 forwards), and the ratio of peak temporary + out
 from ``memory_analysis()``. ``marble_amortized`` is one solve step and N - 1 cached steps; the
 ``row_chunk=1`` rows run the K + 1 backward rows one at a time (``BalanceConfig.row_chunk``),
 trading batching for memory.
+
+``--network world_train`` times the trainer's own jitted update (``train.make_train_step``: advantages, the
+micro-batched NFT loss over the sampler timesteps, the balance, AdamW, old / EMA updates) on the embedded world
+at the ``configs/k5.py`` scale, on one real epoch of rollouts and rewards, and the epoch's rollout + reward
+time, so the ratios are given for the update alone and for the whole iteration (rollout + rewards + update).
 """
 
 from __future__ import annotations
@@ -105,13 +111,70 @@ def measure(fn, args, repeats: int) -> tuple[float, float, float]:
     return best, float(cost.get("flops", 0.0)), float(mem.temp_size_in_bytes + mem.output_size_in_bytes)
 
 
+def world_train(repeats: int) -> None:
+    """The trainer's update per method on one real epoch of the embedded world (see the module doc)."""
+    import numpy as np
+
+    from marble_jax import defaults, experiment, train
+
+    config = defaults.with_rewards(defaults.get_config("world"), defaults.FIVE_REWARDS["world"])
+    setup = experiment.build_setup(config)
+    s = config.sample
+    idx = np.arange(s.prompts_per_epoch)
+    prompts = [setup.train_prompts[i] for i in idx for _ in range(s.images_per_prompt)]
+    context, pooled = setup.encode([p.text for p in prompts])
+    rollout = jax.jit(train.make_rollout(setup, config))
+    tx = train.make_optimizer(config)
+    state = jax.jit(train.make_init_state(setup, config, tx))(setup.base_params)
+    args = (setup.base_params, state.old_params, {}, jnp.asarray(context), jnp.asarray(pooled), jax.random.key(0))
+    x0, images = jax.block_until_ready(rollout(*args))
+    start = time.perf_counter()
+    x0, images = jax.block_until_ready(rollout(*args))
+    rewards, _ = train._score(setup.rewards, np.asarray(images), prompts)
+    epoch_t = time.perf_counter() - start
+    batch = (setup.base_params, x0, jnp.asarray(context), jnp.asarray(pooled), jnp.asarray(rewards), jnp.int32(0))
+    weights = jnp.ones((len(config.rewards),), jnp.float32)
+    times = {}
+    for name, method, solve in (
+        ("weighted_sum", "weighted_sum", True),
+        ("marble", "marble", True),
+        ("amortized_solve", "marble_amortized", True),
+        ("amortized_cached", "marble_amortized", False),
+    ):
+        config.method = method
+        step = jax.jit(train.make_train_step(setup, config, tx), static_argnums=(8, 9))
+        st = jax.tree.map(jnp.copy, state)
+        st, _ = step(st, *batch, weights, solve, False)  # compile + warm-up
+        jax.block_until_ready(st)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            st, _ = step(st, *batch, weights, solve, False)
+            jax.block_until_ready(st)
+            best = min(best, time.perf_counter() - t0)
+        times[name] = best
+    n = config.balance.solve_every
+    times["marble_amortized"] = (times["amortized_solve"] + (n - 1) * times["amortized_cached"]) / n
+    ws = times["weighted_sum"]
+    k, t_train = len(config.rewards), train.trained_timesteps(config)
+    print(f"embedded world, K = {k}, batch {len(prompts)}, {t_train} timesteps, N = {n}")
+    print(f"rollout + rewards of the epoch: {epoch_t:.2f} s (the same for every method)")
+    print(f"{'mode':<20}{'update s':>10}{'update speed':>14}{'iteration speed':>17}")
+    for name in ("weighted_sum", "marble", "marble_amortized"):
+        t = times[name]
+        print(f"{name:<20}{t:>10.2f}{ws / t:>13.2f}x{(epoch_t + ws) / (epoch_t + t):>16.2f}x")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ks", default="5,16")
-    parser.add_argument("--network", choices=("mmdit_lora", "mlp"), default="mmdit_lora")
+    parser.add_argument("--network", choices=("mmdit_lora", "mlp", "world_train"), default="mmdit_lora")
     parser.add_argument("--solve-every", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
+    if args.network == "world_train":
+        world_train(args.repeats)
+        return
     nft = NFTConfig(beta=0.1)
     n = args.solve_every
     print(f"devices: {jax.devices()}  network: {args.network}, batch {BATCH}, kl_beta {nft.kl_beta}")
