@@ -98,6 +98,10 @@ def test_registry_rewards_nan_where_they_do_not_apply():
         assert out.dtype == np.float32 and out.shape == (3,)
         expect = [np.nan, 1.0, np.nan] if name == "world_geneval" else [1.0, np.nan, np.nan]
         np.testing.assert_array_equal(out, expect)
+        # applies() says where a NaN would be a fault: exactly the finite entries here
+        np.testing.assert_array_equal(rewards.get(name, **opts).applies(prompts, meta), np.isfinite(expect))
+    # a reward without its own applies() applies everywhere
+    assert rewards.get("world_aesthetic").applies(prompts, meta).tolist() == [True, True, True]
 
 
 # --- OCR formula ----------------------------------------------------------------------------
