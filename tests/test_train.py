@@ -23,7 +23,7 @@ import pytest
 import tiny_config
 from helpers import save_tiny_world
 
-from marble_jax import experiment, sharding, train
+from marble_jax import evaluate, experiment, results_table, sharding, train
 from marble_jax.checkpoint import Checkpointer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,11 +36,11 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(world, tmp_path_factory):
-    """``(config, setup, state)`` of the uninterrupted 4-step run."""
+    """``(config, setup, state, workdir)`` of the uninterrupted 4-step run."""
     config = tiny_config.get_config(str(world))
     setup = experiment.build_setup(config)
-    state = train.run(setup, config, tmp_path_factory.mktemp("reference"))
-    return config, setup, state
+    workdir = tmp_path_factory.mktemp("reference")
+    return config, setup, train.run(setup, config, workdir), workdir
 
 
 def final_state(setup, config, workdir: Path) -> train.TrainState:
@@ -58,7 +58,7 @@ def assert_same_params(a, b, rtol: float = 1e-6):
 
 
 def test_reference_run_learns(reference):
-    _, _, state = reference
+    _, _, state, _ = reference
     assert int(state.step) == 4
     lora_b = [np.asarray(v["b"]) for v in state.params.values()]
     assert any(np.abs(b).max() > 0 for b in lora_b), "LoRA B stayed at zero: no update was applied"
@@ -80,7 +80,7 @@ def test_workdir_contents(world, tmp_path):
 
 
 def test_resume_past_a_corrupt_checkpoint_equals_uninterrupted(reference, tmp_path, caplog):
-    config, setup, ref = reference
+    config, setup, ref, _ = reference
     short = tiny_config.get_config(config.model.world_dir)
     short.total_epochs = 3
     train.run(setup, short, tmp_path)
@@ -97,7 +97,7 @@ def test_resume_past_a_corrupt_checkpoint_equals_uninterrupted(reference, tmp_pa
 
 
 def test_nonfinite_direction_skips_the_update(reference, tmp_path, caplog):
-    config, setup, _ = reference
+    config, setup, _, _ = reference
     config = tiny_config.get_config(config.model.world_dir)
     config.total_epochs = 2
     config.eval.every = 100
@@ -118,7 +118,7 @@ def test_nonfinite_direction_skips_the_update(reference, tmp_path, caplog):
 
 
 def test_reward_fault_skips_the_update(reference, tmp_path, caplog):
-    config, setup, _ = reference
+    config, setup, _, _ = reference
     config = tiny_config.get_config(config.model.world_dir)
     config.total_epochs = 2
     config.eval.every = 100
@@ -166,7 +166,7 @@ def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 300) -> str:
 
 
 def test_sigterm_saves_and_kill9_resumes(reference, tmp_path):
-    config, setup, ref = reference
+    config, setup, ref, _ = reference
     world = Path(config.model.world_dir)
     # SIGTERM after the first step: the trainer saves and exits cleanly.
     proc = _main(tmp_path, world)
@@ -240,7 +240,7 @@ def test_unknown_config_key_is_named(world, tmp_path):
 
 def test_sharded_runs_match_one_device(reference, tmp_path):
     """1 device vs meshes data 2 x fsdp 4 and 8 x 1 (8 host devices, in a subprocess)."""
-    config, _, _ = reference
+    config, _, _, _ = reference
     script = f"""
 import sys, json, numpy as np, jax
 sys.path.insert(0, {str(ROOT / "tests")!r})
@@ -274,7 +274,7 @@ json.dump(out, open({str(tmp_path / "params.json")!r}, "w"))
 
 def test_two_process_run_matches_one_device(reference, tmp_path):
     """Two ``jax.distributed`` processes (one CPU device each, gloo collectives) on a data 2 x fsdp 1 mesh."""
-    config, setup, ref = reference
+    config, setup, ref, _ = reference
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -290,3 +290,18 @@ def test_two_process_run_matches_one_device(reference, tmp_path):
     pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params), strict=True)
     diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in pairs)
     assert moved > 1e-3 and diff < 0.02 * moved, (diff, moved)
+
+
+def test_evaluate_table_of_checkpoints(reference, tmp_path):
+    config, setup, ref, workdir = reference
+    rows = evaluate.evaluate_runs(setup, config, [workdir])
+    assert list(rows) == ["base", workdir.name] and set(rows["base"]) == set(config.rewards)
+    # the base row is the step-0 evaluation of the run (same prompts, same noise), the run's row its step-4 one
+    evals = [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
+    for name, ev in (("base", evals[0]), (workdir.name, evals[-1])):
+        for reward in config.rewards:
+            np.testing.assert_allclose(rows[name][reward], ev[reward], rtol=1e-5, equal_nan=True)
+    md, csv = results_table.write_table(rows, list(config.rewards), tmp_path / "table")
+    assert "Composite" in md.read_text() and workdir.name in csv.read_text()
+    with pytest.raises(FileNotFoundError, match="no_run"):
+        evaluate.evaluate_runs(setup, config, [tmp_path / "no_run"])
