@@ -305,3 +305,16 @@ def test_evaluate_table_of_checkpoints(reference, tmp_path):
     assert "Composite" in md.read_text() and workdir.name in csv.read_text()
     with pytest.raises(FileNotFoundError, match="no_run"):
         evaluate.evaluate_runs(setup, config, [tmp_path / "no_run"])
+
+
+def test_full_finetuning_trains_every_weight(reference, tmp_path):
+    config, _, _, _ = reference
+    config = tiny_config.get_config(config.model.world_dir)
+    config.update(finetune="full", total_epochs=2, method="weighted_sum")
+    config.eval.every = 100
+    setup = experiment.build_setup(config)
+    state = train.run(setup, config, tmp_path)
+    assert jax.tree.structure(state.params) == jax.tree.structure(setup.base_params)
+    pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(setup.base_params), strict=True)
+    changed = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 0 for a, b in pairs]
+    assert np.mean(changed) > 0.9, f"only {np.mean(changed):.0%} of the tensors moved"
