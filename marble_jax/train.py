@@ -322,18 +322,13 @@ def _check_resumable(saved: dict, current: dict) -> None:
         raise ValueError(f"the checkpointed run's config differs in {changed} ({detail}); use a new --workdir to change them")
 
 
-def _score(reward_fns: dict, images: np.ndarray, prompts: Sequence[Prompt]) -> tuple[np.ndarray, list[str]]:
-    """``(rewards [K, B], faults)``: each reward on its own pool thread; NaN outside a reward's domain is kept (n/a),
-    a non-finite value inside it is a fault (listed by name and count)."""
+def _score(name: str, fn: Callable, images: np.ndarray, prompts: Sequence[Prompt]) -> tuple[np.ndarray, str | None]:
+    """``(rewards [B], fault)`` of one reward: NaN outside its domain is kept (n/a); a non-finite value where it
+    applies is a fault, described by name and count (None when there is none)."""
     texts, meta = [p.text for p in prompts], [p.metadata for p in prompts]
-    rows, faults = [], []
-    for name, fn in reward_fns.items():
-        row = np.asarray(fn(images, texts, meta), np.float32)
-        bad = ~np.isfinite(row) & fn.applies(texts, meta)
-        if bad.any():
-            faults.append(f"{name} is not finite on {int(bad.sum())} of {len(row)} samples where it applies")
-        rows.append(row)
-    return np.stack(rows), faults
+    row = np.asarray(fn(images, texts, meta), np.float32)
+    bad = ~np.isfinite(row) & fn.applies(texts, meta)
+    return row, (f"{name} is not finite on {int(bad.sum())} of {len(row)} samples where it applies" if bad.any() else None)
 
 
 def run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
@@ -444,13 +439,13 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path) ->
                 ctx = sharding.to_global(context[sl], bsh(3))
                 pld = sharding.to_global(pooled[sl], bsh(2))
                 outs.append(rollout(base, state.old_params, decode_params, ctx, pld, jax.random.fold_in(key, c)))
-            for c, (x0, images) in enumerate(outs):
+            for c, (x0, images) in enumerate(outs):  # one pool task per (chunk, reward)
                 x0_chunks.append(x0)
-                chunk_prompts = prompts[c * s.rollout_batch : (c + 1) * s.rollout_batch]
-                futures.append(pool.submit(_score, setup.rewards, sharding.to_host(images), chunk_prompts))
-            scored = [f.result() for f in futures]
-            rewards = np.concatenate([r for r, _ in scored], axis=1)
-            faults = [f for _, fs in scored for f in fs]
+                host, chunk_prompts = sharding.to_host(images), prompts[c * s.rollout_batch : (c + 1) * s.rollout_batch]
+                futures.append([pool.submit(_score, n, setup.rewards[n], host, chunk_prompts) for n in names])
+            scored = [[f.result() for f in chunk] for chunk in futures]
+            rewards = np.concatenate([np.stack([row for row, _ in chunk]) for chunk in scored], axis=1)
+            faults = [fault for chunk in scored for _, fault in chunk if fault]
             solve = config.method != "marble_amortized" or step % config.balance.solve_every == 0
             diagnose = config.diagnostics_every > 0 and step % config.diagnostics_every == 0
             if faults:

@@ -130,7 +130,8 @@ def world_train(repeats: int) -> None:
     x0, images = jax.block_until_ready(rollout(*args))
     start = time.perf_counter()
     x0, images = jax.block_until_ready(rollout(*args))
-    rewards, _ = train._score(setup.rewards, np.asarray(images), prompts)
+    texts, meta = [p.text for p in prompts], [p.metadata for p in prompts]
+    rewards = np.stack([fn(np.asarray(images), texts, meta) for fn in setup.rewards.values()])
     epoch_t = time.perf_counter() - start
     batch = (setup.base_params, x0, jnp.asarray(context), jnp.asarray(pooled), jnp.asarray(rewards), jnp.int32(0))
     weights = jnp.ones((len(config.rewards),), jnp.float32)
