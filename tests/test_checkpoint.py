@@ -134,13 +134,20 @@ def test_unreadable_latest_falls_back_to_the_previous(tmp_path, caplog, corrupt)
         assert step == 2 and meta == {"step": 2}
         assert_same(got, train_state(2))
         warnings = [r.getMessage() for r in caplog.records if r.name == "marble_jax.checkpoint"]
-        assert len(warnings) == 1 and f"{tmp_path}/3 cannot be read" in warnings[0]
-        with pytest.raises(CheckpointReadError, match=re.escape(f"{tmp_path}/3 cannot be read")):
+        assert len(warnings) == 2 and f"{tmp_path}/3 cannot be read" in warnings[0]
+        # the unreadable step is set aside (kept for inspection) so that the resumed run can save step 3 again
+        assert "moved the unreadable checkpoint" in warnings[1] and ck.steps() == [1, 2]
+        (aside,) = (tmp_path / "unreadable").iterdir()
+        assert aside.name.startswith("3.")
+        with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path}: no checkpoint at step 3")):
             ck.restore(train_state(), step=3)
-        with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path}: no checkpoint at step 4")):
-            ck.restore(train_state(), step=4)
-        for step in (1, 2):
+        ck.save(3, train_state(3), {"step": 3})
+        ck.wait()
+        assert ck.restore(abstract(train_state()))[0] == 3
+        for step in (1, 2, 3):
             corrupt(tmp_path / str(step))
+        with pytest.raises(CheckpointReadError, match=re.escape(f"{tmp_path}/1 cannot be read")):
+            ck.restore(train_state(), step=1)
         assert ck.restore(train_state()) is None
 
 
