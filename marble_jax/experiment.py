@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -88,16 +89,27 @@ def _velocity(
     return velocity, lambda base, key: lora.init_lora(base, spec, key), spec
 
 
-def _rewards(names: Sequence[str], options: ml_collections.ConfigDict) -> dict[str, Callable]:
-    """The reward functions by name; unknown names and missing reward checkpoints raise here, naming them."""
-    known = reward_registry.names()
+def _train_and_eval_rewards(config: ml_collections.ConfigDict) -> tuple[dict[str, Callable], dict[str, Callable]]:
+    """The training and held-out reward functions by name; a reward with the same options in both is built (its
+    checkpoint read) once. Unknown names, options for rewards not trained and missing reward checkpoints raise here."""
+    names, known = list(config.rewards), reward_registry.names()
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"config.rewards: unknown reward(s) {unknown}; registered rewards: {known}")
-    extra = set(options) - set(names)
-    if extra:
-        raise ValueError(f"reward options given for rewards that are not trained: {sorted(extra)}")
-    return {n: reward_registry.get(n, **dict(options.get(n, {}))) for n in names}
+    for field in ("reward_options", "eval_reward_options"):
+        extra = set(config[field]) - set(names)
+        if extra:
+            raise ValueError(f"config.{field}: options given for rewards that are not trained: {sorted(extra)}")
+    built: dict[tuple[str, str], Callable] = {}
+
+    def get(name: str, options: ml_collections.ConfigDict) -> Callable:
+        opts = dict(options.get(name, {}))
+        key = (name, json.dumps(opts, sort_keys=True))
+        if key not in built:
+            built[key] = reward_registry.get(name, **opts)
+        return built[key]
+
+    return {n: get(n, config.reward_options) for n in names}, {n: get(n, config.eval_reward_options) for n in names}
 
 
 def _prompt_set(path: str | None, default: Callable[[], list[Prompt]], what: str) -> list[Prompt]:
@@ -119,6 +131,7 @@ def _world_setup(config: ml_collections.ConfigDict) -> Setup:
     from marble_jax.world import model as world_model
     from marble_jax.world import scenes
 
+    train_rewards, eval_rewards = _train_and_eval_rewards(config)
     world = world_model.load_world_model(config.model.world_dir or None)
     velocity, init_trainable, spec = _velocity(world.config["mmdit"], world.apply_fn, config)
 
@@ -137,8 +150,8 @@ def _world_setup(config: ml_collections.ConfigDict) -> Setup:
         shift=float(world.config["shift"]) if config.sample.shift is None else config.sample.shift,
         train_prompts=_prompt_set(config.prompts.train, world_prompts("train"), "train"),
         eval_prompts=_prompt_set(config.prompts.eval, world_prompts("heldout"), "eval"),
-        rewards=_rewards(config.rewards, config.reward_options),
-        eval_rewards=_rewards(config.rewards, config.eval_reward_options),
+        rewards=train_rewards,
+        eval_rewards=eval_rewards,
         lora_spec=spec,
     )
 
@@ -152,8 +165,7 @@ def _sd3_setup(config: ml_collections.ConfigDict) -> Setup:
     compute = jnp.dtype(m.compute_dtype) if m.compute_dtype else None
     train_prompts = _prompt_set(config.prompts.train, None, "train")  # before the (slow) weights
     eval_prompts = _prompt_set(config.prompts.eval, None, "eval")
-    train_rewards = _rewards(config.rewards, config.reward_options)
-    eval_rewards = _rewards(config.rewards, config.eval_reward_options)
+    train_rewards, eval_rewards = _train_and_eval_rewards(config)
     # With encode_on_cpu every component loads into host memory; the trainer moves the transformer and the VAE
     # to the mesh, the text encoders (T5-XXL: 19 GB in float32) never reach the accelerators.
     cpu = jax.devices("cpu")[0]

@@ -30,7 +30,7 @@ flags.mark_flags_as_required(["config"])
 
 def initialize_distributed() -> None:
     """``jax.distributed.initialize`` from the flags (CPU collectives over gloo when running on CPU)."""
-    if jax.config.jax_platforms in (None, "", "cpu") or jax.config.jax_platforms.startswith("cpu"):
+    if not jax.config.jax_platforms or jax.config.jax_platforms.startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
