@@ -71,3 +71,22 @@ def test_assign_reports_missing_unexpected_and_shapes():
         weights.assign(target, plan, {"l.weight": np.ones((2, 3)), "l.b": np.ones(2)}, source="ckpt")
     with pytest.raises(weights.WeightError, match=r"'l.weight' has shape \(3, 3\); expected \(3, 2\)"):
         weights.assign(target, plan, {"l.weight": np.ones((3, 3)), "l.bias": np.ones(2)}, source="ckpt")
+
+
+def test_torch_checkpoint_unwrapped_and_directory_fallback(tmp_path):
+    inner = {"module.w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "module.b": torch.ones(2, dtype=torch.bfloat16)}
+    torch.save({"state_dict": inner, "epoch": 3}, tmp_path / "hps.pt")
+    state = weights.read_torch_checkpoint(tmp_path / "hps.pt")
+    assert sorted(state) == ["b", "w"]
+    np.testing.assert_array_equal(state["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert state["b"].dtype == ml_dtypes.bfloat16
+    # A directory with only pytorch_model.bin is read through it; safetensors wins when both exist.
+    torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    assert list(weights.read_weights(tmp_path)) == ["x"]
+    save_file({"y": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    assert list(weights.read_weights(tmp_path)) == ["y"]
+    torch.save({"config": "not tensors"}, tmp_path / "bad.pt")
+    with pytest.raises(weights.WeightError, match="bad.pt"):
+        weights.read_torch_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        weights.read_torch_checkpoint(tmp_path / "nothing.pt")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from marble_jax.models.weights import read_config, read_safetensors, resolve_dir
+from marble_jax.models.weights import read_config, read_safetensors, read_weights, resolve_dir
 
 
 def component_dir(path, subfolder: str) -> Path:
@@ -61,3 +61,12 @@ def load_t5(path, dtype=jnp.float32, subfolder: str = "text_encoder_3"):
 
     d = component_dir(path, subfolder)
     return t5.from_torch_state(read_config(d), read_safetensors(d, "model"), source=str(d), dtype=dtype)
+
+
+def load_clip_model(path, dtype=jnp.float32):
+    """A whole transformers ``CLIPModel`` directory (``config.json`` + ``model.safetensors`` or
+    ``pytorch_model.bin``; or a repo id in the HF cache) -> :class:`marble_jax.models.clip.CLIP`."""
+    from marble_jax.models import clip
+
+    d = resolve_dir(path)
+    return clip.clip_from_torch_state(read_config(d), read_weights(d), source=str(d), dtype=dtype)

@@ -8,6 +8,9 @@ assert shape):
 * :func:`read_config` — the ``config.json``;
 * :func:`read_safetensors` — every tensor of a directory (one file, or shards with or without
   an ``*.safetensors.index.json``), memory-mapped, bf16 included, without torch;
+* :func:`read_torch_checkpoint` — a ``.bin`` / ``.pt`` / ``.pth`` pickle (torch imported on call,
+  ``weights_only``), unwrapped from ``{"state_dict": ...}`` and DataParallel's ``module.`` prefix;
+* :func:`read_weights` — a directory's safetensors, else its ``pytorch_model.bin``;
 * :func:`plan_by_path` — the plan ``{target_path: (torch_key, transform)}`` of a tree whose
   module names mirror the torch ones (up to a per-model rename table);
 * :func:`assign` — fills a target pytree from a ``{torch_key: array}`` dict following a plan,
@@ -150,6 +153,49 @@ def read_safetensors(directory: Path, stem: str | None = None) -> dict[str, np.n
     for f in files:
         tensors.update(read_safetensors_file(f))
     return tensors
+
+
+def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a pickled torch state dict (``.bin``, ``.pt``, ``.pth``) as numpy, bf16 kept as bf16.
+
+    A checkpoint wrapped as ``{"state_dict": {...}}`` (or ``"model"``) is unwrapped and a ``module.``
+    prefix on every key (DataParallel) is dropped. torch is imported only here.
+
+    Raises:
+      FileNotFoundError: naming the path.
+      WeightError: naming the path when it holds no state dict of tensors.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"missing checkpoint file: {path}")
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightError(f"{path}: not a state dict of tensors (found {type(state).__name__})")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    out = {}
+    for key, value in state.items():
+        value = value.detach().cpu()
+        out[key] = value.float().numpy().astype(ml_dtypes.bfloat16) if value.dtype == torch.bfloat16 else value.numpy()
+    return out
+
+
+def read_weights(directory: Path, stem: str = "model") -> dict[str, np.ndarray]:
+    """A transformers / diffusers directory's tensors: ``{stem}*.safetensors`` (sharded or not), else the
+    ``pytorch_{stem}.bin`` pickle (older hub repos ship only that).
+
+    Raises:
+      FileNotFoundError: naming the directory and what it holds when it has neither.
+    """
+    directory = Path(directory)
+    if not any(directory.glob(f"{stem}*.safetensors")) and (directory / f"pytorch_{stem}.bin").is_file():
+        return read_torch_checkpoint(directory / f"pytorch_{stem}.bin")
+    return read_safetensors(directory, stem)
 
 
 Transform = Callable[[np.ndarray], np.ndarray]
