@@ -77,3 +77,45 @@ def to_host(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_rows(x: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows [n], values [n, ...])``: the distinct leading-axis rows of a batch-sharded global array that this
+    process holds, ascending (all rows on one process), so that host work on them (rewards) is not repeated on
+    every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.arange(x.shape[0]), np.asarray(x)
+    pieces: dict[int, np.ndarray] = {}
+    for shard in x.addressable_shards:
+        pieces.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
+    starts = sorted(pieces)
+    rows = np.concatenate([np.arange(s, s + pieces[s].shape[0]) for s in starts])
+    return rows, np.concatenate([pieces[s] for s in starts])
+
+
+def gather_rows(rows: np.ndarray, values: np.ndarray, total: int) -> np.ndarray:
+    """The full ``[total, ...]`` array, on every process, from each process's :func:`local_rows` ``(rows, values)``.
+
+    Raises:
+      ValueError: when the processes' rows do not cover ``0 .. total - 1``.
+    """
+    rows, values = np.asarray(rows), np.asarray(values)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        rows = np.asarray(multihost_utils.process_allgather(rows)).reshape(-1)
+        values = np.asarray(multihost_utils.process_allgather(values)).reshape(-1, *values.shape[1:])
+    if sorted(set(rows.tolist())) != list(range(total)):
+        raise ValueError(f"gather_rows: the processes hold rows {sorted(set(rows.tolist()))}, not 0..{total - 1}")
+    out = np.empty((total, *values.shape[1:]), values.dtype)
+    out[rows] = values
+    return out
+
+
+def any_process(flag: bool) -> bool:
+    """True when ``flag`` is True on any process (every process gets the same answer)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))

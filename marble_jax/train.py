@@ -439,13 +439,19 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path) ->
                 ctx = sharding.to_global(context[sl], bsh(3))
                 pld = sharding.to_global(pooled[sl], bsh(2))
                 outs.append(rollout(base, state.old_params, decode_params, ctx, pld, jax.random.fold_in(key, c)))
-            for c, (x0, images) in enumerate(outs):  # one pool task per (chunk, reward)
+            for c, (x0, images) in enumerate(outs):  # one pool task per (chunk, reward), on this process's rows
                 x0_chunks.append(x0)
-                host, chunk_prompts = sharding.to_host(images), prompts[c * s.rollout_batch : (c + 1) * s.rollout_batch]
-                futures.append([pool.submit(_score, n, setup.rewards[n], host, chunk_prompts) for n in names])
-            scored = [[f.result() for f in chunk] for chunk in futures]
-            rewards = np.concatenate([np.stack([row for row, _ in chunk]) for chunk in scored], axis=1)
-            faults = [fault for chunk in scored for _, fault in chunk if fault]
+                rows, host = sharding.local_rows(images)
+                chunk_prompts = [prompts[c * s.rollout_batch + i] for i in rows]
+                futures.append((rows, [pool.submit(_score, n, setup.rewards[n], host, chunk_prompts) for n in names]))
+            scored = [(rows, [f.result() for f in chunk]) for rows, chunk in futures]
+            rewards = np.concatenate(
+                [sharding.gather_rows(rows, np.stack([row for row, _ in chunk], 1), s.rollout_batch).T for rows, chunk in scored],
+                axis=1,
+            )
+            faults = [fault for _, chunk in scored for _, fault in chunk if fault]
+            if sharding.any_process(bool(faults)) and not faults:
+                faults = ["a reward fault on another process"]
             solve = config.method != "marble_amortized" or step % config.balance.solve_every == 0
             diagnose = config.diagnostics_every > 0 and step % config.diagnostics_every == 0
             if faults:
