@@ -34,6 +34,7 @@ def get_config(scale: str = "world") -> ml_collections.ConfigDict:
     c.rewards = ()  # training rewards, in order (the K axis)
     c.reward_options = ml_collections.ConfigDict()  # {reward: {option: value}} for training
     c.eval_reward_options = ml_collections.ConfigDict()  # {reward: {option: value}} for held-out evaluation
+    c.eval_only_rewards = ()  # rewards scored in evaluation but not trained (the paper's table: aesthetic, imagereward, ...)
     c.single_reward = ""  # method "single"
     c.reward_weights = ml_collections.ConfigDict()  # method "weighted_sum": {reward: weight}, default 1
     c.sequential_stages = ()  # method "sequential": ((reward, epochs), ...), cycled
@@ -99,6 +100,8 @@ def get_config(scale: str = "world") -> ml_collections.ConfigDict:
     # The (data, fsdp) mesh; unset sizes: all devices to fsdp. num_devices: use the first n devices (default all).
     c.mesh = ml_collections.ConfigDict(dict(data=placeholder(int), fsdp=placeholder(int), num_devices=placeholder(int)))
     c.log_every = 1
+    if scale == "sd35":
+        c.eval_only_rewards = ("aesthetic",)  # add "imagereward" (extra) and "unified_reward" (an endpoint) for the full table
     if scale == "world":
         c.total_epochs = 30
         c.sample.update(num_steps=10, images_per_prompt=8, prompts_per_epoch=8, rollout_batch=32, train_batch=64)

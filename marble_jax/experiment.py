@@ -90,16 +90,20 @@ def _velocity(
 
 
 def _train_and_eval_rewards(config: ml_collections.ConfigDict) -> tuple[dict[str, Callable], dict[str, Callable]]:
-    """The training and held-out reward functions by name; a reward with the same options in both is built (its
-    checkpoint read) once. Unknown names, options for rewards not trained and missing reward checkpoints raise here."""
-    names, known = list(config.rewards), reward_registry.names()
-    unknown = [n for n in names if n not in known]
+    """The training and held-out reward functions by name (held-out: the trained ones, then
+    ``config.eval_only_rewards``); a reward with the same options in both is built (its checkpoint read) once.
+    Unknown names, options for rewards not used and missing reward checkpoints raise here."""
+    names, eval_only, known = list(config.rewards), list(config.eval_only_rewards), reward_registry.names()
+    unknown = [n for n in names + eval_only if n not in known]
     if unknown:
-        raise ValueError(f"config.rewards: unknown reward(s) {unknown}; registered rewards: {known}")
-    for field in ("reward_options", "eval_reward_options"):
-        extra = set(config[field]) - set(names)
+        raise ValueError(f"config.rewards / eval_only_rewards: unknown reward(s) {unknown}; registered rewards: {known}")
+    both = sorted(set(names) & set(eval_only))
+    if both:
+        raise ValueError(f"config.eval_only_rewards: {both} are also trained (config.rewards); they are evaluated anyway")
+    for field, used in (("reward_options", names), ("eval_reward_options", names + eval_only)):
+        extra = set(config[field]) - set(used)
         if extra:
-            raise ValueError(f"config.{field}: options given for rewards that are not trained: {sorted(extra)}")
+            raise ValueError(f"config.{field}: options given for rewards that are not used: {sorted(extra)}")
     built: dict[tuple[str, str], Callable] = {}
 
     def get(name: str, options: ml_collections.ConfigDict) -> Callable:
@@ -109,7 +113,8 @@ def _train_and_eval_rewards(config: ml_collections.ConfigDict) -> tuple[dict[str
             built[key] = reward_registry.get(name, **opts)
         return built[key]
 
-    return {n: get(n, config.reward_options) for n in names}, {n: get(n, config.eval_reward_options) for n in names}
+    train = {n: get(n, config.reward_options) for n in names}
+    return train, {n: get(n, config.eval_reward_options) for n in names + eval_only}
 
 
 def _prompt_set(path: str | None, default: Callable[[], list[Prompt]], what: str) -> list[Prompt]:

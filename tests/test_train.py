@@ -318,3 +318,23 @@ def test_full_finetuning_trains_every_weight(reference, tmp_path):
     pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(setup.base_params), strict=True)
     changed = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 0 for a, b in pairs]
     assert np.mean(changed) > 0.9, f"only {np.mean(changed):.0%} of the tensors moved"
+
+
+def test_eval_only_rewards_are_scored_not_trained(world):
+    from marble_jax.experiment import _train_and_eval_rewards
+
+    config = tiny_config.get_config(str(world))
+    config.rewards = ("world_clipscore", "world_geneval")
+    config.eval_only_rewards = ("world_aesthetic",)
+    config.eval_reward_options = {"world_geneval": {"strict": True}}
+    train, held_out = _train_and_eval_rewards(config)
+    assert list(train) == ["world_clipscore", "world_geneval"]
+    assert list(held_out) == ["world_clipscore", "world_geneval", "world_aesthetic"]
+    assert train["world_clipscore"] is held_out["world_clipscore"]  # same options: built once
+    assert train["world_geneval"] is not held_out["world_geneval"]
+    config.eval_only_rewards = ("world_clipscore",)
+    with pytest.raises(ValueError, match="also trained"):
+        _train_and_eval_rewards(config)
+    config.eval_only_rewards = ("nope",)
+    with pytest.raises(ValueError, match="nope"):
+        _train_and_eval_rewards(config)

@@ -30,10 +30,16 @@ _REGISTRY: dict[str, str] = {
     "world_clipscore": "marble_jax.world.model_rewards:world_clipscore",
     "world_pickscore": "marble_jax.world.model_rewards:world_pickscore",
     "world_aesthetic": "marble_jax.world.model_rewards:world_aesthetic",
-    # Reserved, registered here when their modules exist:
-    #   pickscore, clipscore, hpsv2, aesthetic             (rewards/clip_scores.py)
-    #   ocr      (a real OCR engine feeding rewards/ocr.py)
-    #   geneval  (a detector + colour classifier feeding rewards/geneval_rules.py)
+    # The paper's rewards on real images (REFERENCE §4); checkpoints are paths in the reward's options.
+    "pickscore": "marble_jax.rewards.clip_scores:pickscore",
+    "clipscore": "marble_jax.rewards.clip_scores:clipscore",
+    "hpsv2": "marble_jax.rewards.clip_scores:hpsv2",
+    "aesthetic": "marble_jax.rewards.clip_scores:aesthetic",
+    "ocr": "marble_jax.rewards.ocr_engine:ocr",
+    "geneval": "marble_jax.rewards.geneval:geneval",
+    # Evaluation only (the paper's table): optional package / an OpenAI-compatible endpoint.
+    "imagereward": "marble_jax.rewards.eval_only:imagereward",
+    "unified_reward": "marble_jax.rewards.eval_only:unified_reward",
 }
 
 
