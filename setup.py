@@ -40,6 +40,8 @@ setup(
         "clu>=0.0.12",
         "tensorflow-cpu>=2.16",
         "tensorboard>=2.16",
+        "matplotlib>=3.8",  # tools/reproduce_marble.py's reward curves
+        "pytesseract>=0.3.10",  # the OCR reward's default engine (needs Debian's tesseract-ocr)
     ],
     extras_require={
         "cuda12": ["jax[cuda12]"],
