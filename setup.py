@@ -47,5 +47,7 @@ setup(
         "cuda12": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
         "test": TEST,
+        "imagereward": ["image-reward>=1.5"],  # the evaluation-only ImageReward column
+        "paddleocr": ["paddleocr", "paddlepaddle"],  # the OCR reward's optional engine (engine="paddle")
     },
 )
