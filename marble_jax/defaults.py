@@ -117,8 +117,16 @@ def get_config(scale: str = "world") -> ml_collections.ConfigDict:
 
 
 def with_rewards(config: ml_collections.ConfigDict, names: tuple[str, ...]) -> ml_collections.ConfigDict:
-    """``config`` training ``names``; GenEval is scored partial in training and strict in evaluation."""
+    """``config`` training ``names``. Each trained and evaluation-only reward's options are listed with their
+    defaults (``--config.reward_options.pickscore.path=...`` then works); GenEval is scored partial in training
+    and strict in evaluation (``eval_reward_options`` override the training options of a reward)."""
+    from marble_jax import rewards
+
     config.rewards = tuple(names)
+    for name in names:
+        config.reward_options[name] = rewards.default_options(name)
+    for name in config.eval_only_rewards:
+        config.eval_reward_options[name] = rewards.default_options(name)
     for name in names:
         if name in ("world_geneval", "geneval"):
             config.eval_reward_options[name] = {"strict": True}

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +24,8 @@ import numpy as np
 from marble_jax import rewards as reward_registry
 from marble_jax.models import lora, mmdit
 from marble_jax.prompts import Prompt, load_prompts
+
+log = logging.getLogger("marble_jax.experiment")
 
 Array = jax.Array
 PyTree = Any
@@ -91,7 +94,8 @@ def _velocity(
 
 def _train_and_eval_rewards(config: ml_collections.ConfigDict) -> tuple[dict[str, Callable], dict[str, Callable]]:
     """The training and held-out reward functions by name (held-out: the trained ones, then
-    ``config.eval_only_rewards``); a reward with the same options in both is built (its checkpoint read) once.
+    ``config.eval_only_rewards``; a trained reward's held-out options are its training options updated by
+    ``config.eval_reward_options``); a reward with the same options in both is built (its checkpoint read) once.
     Unknown names, options for rewards not used and missing reward checkpoints raise here."""
     names, eval_only, known = list(config.rewards), list(config.eval_only_rewards), reward_registry.names()
     unknown = [n for n in names + eval_only if n not in known]
@@ -101,20 +105,23 @@ def _train_and_eval_rewards(config: ml_collections.ConfigDict) -> tuple[dict[str
     if both:
         raise ValueError(f"config.eval_only_rewards: {both} are also trained (config.rewards); they are evaluated anyway")
     for field, used in (("reward_options", names), ("eval_reward_options", names + eval_only)):
-        extra = set(config[field]) - set(used)
-        if extra:
-            raise ValueError(f"config.{field}: options given for rewards that are not used: {sorted(extra)}")
+        unused = sorted(set(config[field]) - set(used))
+        if any(n not in known for n in unused):
+            raise ValueError(f"config.{field}: options for unknown reward(s) {[n for n in unused if n not in known]}")
+        changed = [n for n in unused if not dict(config[field][n]).items() <= reward_registry.default_options(n).items()]
+        if changed:  # the configs list every reward's defaults; a changed option of a reward not used does nothing
+            log.warning("config.%s: options set for rewards that are not used are ignored: %s", field, changed)
     built: dict[tuple[str, str], Callable] = {}
 
-    def get(name: str, options: ml_collections.ConfigDict) -> Callable:
-        opts = dict(options.get(name, {}))
+    def get(name: str, *options: ml_collections.ConfigDict) -> Callable:
+        opts = {k: v for o in options for k, v in dict(o.get(name, {})).items()}
         key = (name, json.dumps(opts, sort_keys=True))
         if key not in built:
             built[key] = reward_registry.get(name, **opts)
         return built[key]
 
     train = {n: get(n, config.reward_options) for n in names}
-    return train, {n: get(n, config.eval_reward_options) for n in names + eval_only}
+    return train, {n: get(n, config.reward_options, config.eval_reward_options) for n in names + eval_only}
 
 
 def _prompt_set(path: str | None, default: Callable[[], list[Prompt]], what: str) -> list[Prompt]:

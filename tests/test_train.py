@@ -338,3 +338,25 @@ def test_eval_only_rewards_are_scored_not_trained(world):
     config.eval_only_rewards = ("nope",)
     with pytest.raises(ValueError, match="nope"):
         _train_and_eval_rewards(config)
+
+
+def test_reward_options_listed_merged_and_checked(world, caplog):
+    from marble_jax import defaults
+    from marble_jax.experiment import _train_and_eval_rewards
+
+    sd35 = defaults.with_rewards(defaults.get_config("sd35"), defaults.FIVE_REWARDS["sd35"])
+    assert sd35.reward_options.pickscore.path == "yuvalkirstain/PickScore_v1"  # every checkpoint path listed
+    assert sd35.eval_reward_options.aesthetic.clip_path == "openai/clip-vit-large-patch14"
+    config = tiny_config.get_config(str(world))
+    config.rewards = ("world_clipscore", "world_geneval")  # world_aesthetic's listed defaults stay: ignored silently
+    config.reward_options.world_geneval.threshold = 0.5
+    train, held_out = _train_and_eval_rewards(config)
+    assert not caplog.records
+    # held-out GenEval: the training options (threshold 0.5) updated by the evaluation ones (strict)
+    assert train["world_geneval"] is not held_out["world_geneval"]
+    config.reward_options.world_ocr = {"nonsense": 1}  # changed options of a reward not trained: a warning
+    _train_and_eval_rewards(config)
+    assert "world_ocr" in caplog.text
+    config.reward_options.pickscor = {}
+    with pytest.raises(ValueError, match="pickscor"):
+        _train_and_eval_rewards(config)

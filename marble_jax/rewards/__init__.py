@@ -16,6 +16,7 @@ the unwrapped reward function.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -48,12 +49,23 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(name: str, **options) -> RewardFn:
-    """The reward function ``name`` built with ``options``, with its inputs validated."""
+def _factory(name: str) -> Callable:
     if name not in _REGISTRY:
         raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(names())}")
     module, factory = _REGISTRY[name].split(":")
-    fn = getattr(importlib.import_module(module), factory)(**options)
+    return getattr(importlib.import_module(module), factory)
+
+
+def default_options(name: str) -> dict[str, str | int | float | bool]:
+    """The options of reward ``name`` that have a plain default (checkpoint paths, batch sizes, ...), with it:
+    what a config lists so that each can be overridden on the command line."""
+    params = inspect.signature(_factory(name)).parameters.values()
+    return {p.name: p.default for p in params if isinstance(p.default, str | int | float | bool)}
+
+
+def get(name: str, **options) -> RewardFn:
+    """The reward function ``name`` built with ``options``, with its inputs validated."""
+    fn = _factory(name)(**options)
 
     def reward_fn(images, prompts: Sequence[str], metadata: Sequence[dict | None]) -> np.ndarray:
         images = np.asarray(images)
