@@ -17,10 +17,12 @@ from ml_collections.config_dict import placeholder
 
 SCALES = ("world", "sd35")
 FIVE_REWARDS = {
-    "world": ("world_pickscore", "world_aesthetic", "world_clipscore", "world_ocr", "world_geneval"),
+    "world": ("world_pickscore", "world_hps", "world_clipscore", "world_ocr", "world_geneval"),
     "sd35": ("pickscore", "hpsv2", "clipscore", "ocr", "geneval"),
 }
-"""The paper's five rewards at each scale (the world's ``world_aesthetic`` stands in for HPSv2.1)."""
+"""The paper's five rewards at each scale (the world's ``world_hps`` stands in for HPSv2.1)."""
+EVAL_ONLY_REWARDS = {"world": ("world_aesthetic",), "sd35": ("aesthetic",)}
+"""Scored in evaluation, not trained: the paper's Aesthetic column (add ``imagereward`` / ``unified_reward`` at sd35)."""
 
 
 def get_config(scale: str = "world") -> ml_collections.ConfigDict:
@@ -100,8 +102,7 @@ def get_config(scale: str = "world") -> ml_collections.ConfigDict:
     # The (data, fsdp) mesh; unset sizes: all devices to fsdp. num_devices: use the first n devices (default all).
     c.mesh = ml_collections.ConfigDict(dict(data=placeholder(int), fsdp=placeholder(int), num_devices=placeholder(int)))
     c.log_every = 1
-    if scale == "sd35":
-        c.eval_only_rewards = ("aesthetic",)  # add "imagereward" (extra) and "unified_reward" (an endpoint) for the full table
+    c.eval_only_rewards = EVAL_ONLY_REWARDS[scale]
     if scale == "world":
         c.total_epochs = 30
         c.sample.update(num_steps=10, images_per_prompt=8, prompts_per_epoch=8, rollout_batch=32, train_batch=64)

@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
         if not (Path(workdir) / "checkpoints").is_dir():
             raise FileNotFoundError(f"--checkpoint={workdir}: no checkpoints directory {Path(workdir) / 'checkpoints'}")
     rows = evaluate_runs(build_setup(config), config, _CHECKPOINTS.value, _STEP.value)
-    columns = list(config.rewards) + list(config.eval_only_rewards)
+    columns = list(dict.fromkeys([*config.rewards, *config.eval_only_rewards]))
     md, csv = results_table.write_table(rows, columns, Path(_OUT.value))
     print(results_table.to_markdown(rows, columns))
     print(f"wrote {md} and {csv}")

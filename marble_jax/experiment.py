@@ -101,9 +101,7 @@ def _train_and_eval_rewards(config: ml_collections.ConfigDict) -> tuple[dict[str
     unknown = [n for n in names + eval_only if n not in known]
     if unknown:
         raise ValueError(f"config.rewards / eval_only_rewards: unknown reward(s) {unknown}; registered rewards: {known}")
-    both = sorted(set(names) & set(eval_only))
-    if both:
-        raise ValueError(f"config.eval_only_rewards: {both} are also trained (config.rewards); they are evaluated anyway")
+    eval_only = [n for n in eval_only if n not in names]  # a trained reward is evaluated anyway
     for field, used in (("reward_options", names), ("eval_reward_options", names + eval_only)):
         unused = sorted(set(config[field]) - set(used))
         if any(n not in known for n in unused):

@@ -1,4 +1,5 @@
-"""The world's learned rewards (world_clipscore, world_pickscore, world_aesthetic) from the shipped checkpoints."""
+"""The world's learned rewards (world_clipscore, world_pickscore, world_hps, world_aesthetic) from the shipped
+checkpoints."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from marble_jax import rewards
 from marble_jax.world import model_rewards as mr
 from marble_jax.world import scenes
 
-NAMES = ("world_clipscore", "world_pickscore", "world_aesthetic")
+NAMES = ("world_clipscore", "world_pickscore", "world_hps", "world_aesthetic")
 
 
 def _heldout(n: int, seed: int = 123):
@@ -47,6 +48,11 @@ def test_pickscore_ranks_matching_prompt_and_prefers_clean():
     for noise, blur, floor in ((16.0, 0.0, 0.7), (0.0, 1.0, 0.85)):
         dirty = np.stack([mr.corrupt(i, noise, blur, rng) for i in clean])
         assert (fn(clean, prompts, meta) > fn(dirty, prompts, meta)).mean() >= floor
+
+
+def test_hps_ranks_matching_prompt():
+    # Measured on 600 held-out scenes (report.json): 0.95.
+    assert _match_accuracy("world_hps") >= 0.8
 
 
 def test_aesthetic_follows_its_target():

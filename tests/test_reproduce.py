@@ -36,7 +36,7 @@ def test_method_configs(tool):
 
 
 def test_summary_of_a_run(tool, tmp_path):
-    rewards = dict.fromkeys(tool.REWARDS, 0.5)
+    rewards = dict.fromkeys(tool.COLUMNS, 0.5)
     evals = [{"step": 0, **rewards}, {"step": 10, **{**rewards, "world_ocr": 0.75}}]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
     metrics = [{"step": s, "time/step_s": t, "diagnostics": d} for s, t, d in [(1, 60, 1), (2, 30, 0), (3, 2, 0), (4, 9, 1)]]

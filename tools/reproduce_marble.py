@@ -30,6 +30,7 @@ import numpy as np
 from marble_jax import defaults, experiment, results_table, train
 
 REWARDS = defaults.FIVE_REWARDS["world"]
+COLUMNS = (*REWARDS, *defaults.EVAL_ONLY_REWARDS["world"])  # held-out: the trained five, then the evaluation-only
 RHOS = (0.1, 0.3, 0.5, 0.9)
 METHODS = (
     *(f"single_{r}" for r in REWARDS),
@@ -83,12 +84,12 @@ def summarize(workdir: Path) -> dict:
     measured = [m["anti_aligned"] for m in metrics if "anti_aligned" in m]
     times = [m["time/step_s"] for m in metrics[2:] if not m.get("diagnostics", 0)]
     return {
-        "held_out": {r: evals[-1][r] for r in REWARDS},
+        "held_out": {r: evals[-1][r] for r in COLUMNS},
         "anti_aligned_fraction": float(np.mean(measured)) if measured else None,
         "anti_aligned_measured_steps": len(measured),
         "iterations_per_s": 1 / float(np.mean(times)) if times else None,
-        "curve": [{"step": e["step"], **{r: e[r] for r in REWARDS}} for e in evals],
-        "base": {r: evals[0][r] for r in REWARDS} if evals[0]["step"] == 0 else None,
+        "curve": [{"step": e["step"], **{r: e[r] for r in COLUMNS}} for e in evals],
+        "base": {r: evals[0][r] for r in COLUMNS} if evals[0]["step"] == 0 else None,
     }
 
 
@@ -99,8 +100,8 @@ def plot_curves(runs: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(REWARDS), figsize=(4 * len(REWARDS), 3.4))
-    for ax, reward in zip(axes, REWARDS, strict=True):
+    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(4 * len(COLUMNS), 3.4))
+    for ax, reward in zip(axes, COLUMNS, strict=True):
         for name, run in runs.items():
             if name.startswith("marble_rho_"):
                 continue
@@ -121,6 +122,7 @@ def write_report(runs: dict[str, dict], out: Path, epochs: int) -> None:
     table = {"base": base, **{name: r["held_out"] for name, r in runs.items()}}
     doc = {
         "rewards": list(REWARDS),
+        "eval_only": list(defaults.EVAL_ONLY_REWARDS["world"]),
         "epochs": epochs,
         "runs": {
             "base": {"held_out": base, "anti_aligned_fraction": None, "iterations_per_s": None},
@@ -129,7 +131,7 @@ def write_report(runs: dict[str, dict], out: Path, epochs: int) -> None:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "reproduction.json").write_text(json.dumps(doc, indent=1) + "\n")
-    results_table.write_table(table, list(REWARDS), out / "reproduction_table")
+    results_table.write_table(table, list(COLUMNS), out / "reproduction_table")
     plot_curves(runs, out / "reproduction_curves.png")
     ws = runs.get("weighted_sum", {}).get("iterations_per_s")
     lines = [
@@ -138,7 +140,7 @@ def write_report(runs: dict[str, dict], out: Path, epochs: int) -> None:
         "Written by `python tools/reproduce_marble.py`. Held-out means (EMA parameters, the same prompts and noise for",
         "every row); Composite = mean of the column-wise z-scores over the rows. GenEval is the strict score.",
         "",
-        results_table.to_markdown(table, list(REWARDS)),
+        results_table.to_markdown(table, list(COLUMNS)),
         "",
         "| method | anti-aligned fraction (measured steps) | iterations / s | throughput vs weighted sum |",
         "| --- | --- | --- | --- |",

@@ -1,11 +1,14 @@
 """Trains the world's learned rewards and writes them to marble_jax/world/assets/rewards/.
 
-    python tools/train_world_rewards.py [--out DIR] [--seed 0] [--quick]
+    python tools/train_world_rewards.py [--out DIR] [--seed 0] [--quick] [--reuse-clip]
+
+``--reuse-clip`` loads ``world_clip`` from ``--out`` instead of training it again (step 1 is the slow one).
 
 Deterministic in the seed; a few minutes on a laptop CPU. Steps (see marble_jax/world/model_rewards.py):
 1. ``world_clip``: contrastive training on clean train scenes (and "plain"-captioned varied scenes).
 2. ``world_pickscore``: ``world_clip`` fine-tuned Bradley-Terry on synthetic preference pairs.
-3. ``world_aesthetic``: an MLP on frozen ``world_clip`` image embeddings regressing ``aesthetic_target``.
+3. ``world_hps``: ``world_clip`` fine-tuned the same way on pairs ordered by ``hps_utility`` (appeal counts too).
+4. ``world_aesthetic``: an MLP on frozen ``world_clip`` image embeddings regressing ``aesthetic_target``.
 Then held-out evaluation (matching-vs-mismatching accuracy, clean-vs-noisy preference, aesthetic rank
 correlation, the aesthetic / GenEval conflict), written to ``report.json`` beside the checkpoints.
 """
@@ -104,10 +107,10 @@ def fidelity(image: np.ndarray, prompt: scenes.Prompt, own: bool) -> float:
     return float(rewards.get("world_geneval")(image[None], [prompt.text], [prompt.metadata])[0])
 
 
-def preference_pairs(seed: int, n: int, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """``(winners, losers, prompts)``: pairs of images for one prompt ordered by :func:`~mr.human_utility`
-    (pairs closer than 0.1 in utility are dropped). Candidates are a fresh correct scene or another prompt's
-    scene, each with random noise / blur."""
+def preference_pairs(seed: int, n: int, split: str, hps: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(winners, losers, prompts)``: pairs of images for one prompt ordered by :func:`~mr.human_utility`, or
+    with ``hps`` by :func:`~mr.hps_utility` (pairs closer than 0.1 in utility are dropped). Candidates are a
+    fresh correct scene or another prompt's scene, each with random noise / blur."""
     rng = np.random.default_rng(seed)
     pool = scenes.sample_scenes(seed + 1, 2000, split)
     winners, losers, prompts = [], [], []
@@ -124,7 +127,8 @@ def preference_pairs(seed: int, n: int, split: str) -> tuple[np.ndarray, np.ndar
                     scene = pool[rng.integers(len(pool))]
             clean = scenes.render(scene)
             noise, blur = float(rng.choice(NOISES)), float(rng.choice(BLURS))
-            utility = mr.human_utility(fidelity(clean, prompt, own), noise, blur)
+            fid = fidelity(clean, prompt, own)
+            utility = mr.hps_utility(fid, mr.aesthetic_target(clean), noise, blur) if hps else mr.human_utility(fid, noise, blur)
             cands.append((utility, mr.corrupt(clean, noise, blur, rng)))
         (ua, a), (ub, b) = cands
         if abs(ua - ub) < 0.1:
@@ -198,8 +202,11 @@ def train_clip(seed: int, steps: int, batch: int, n_scenes: int, n_varied: int) 
     return clip.CLIP(text=(text_fn, params["text"]), vision=(vision_fn, params["vision"]), logit_scale=scale)
 
 
-def train_pickscore(base: clip.CLIP, seed: int, steps: int, batch: int, n_pairs: int) -> clip.CLIP:
-    winners, losers, prompts = preference_pairs(seed, n_pairs, "train")
+def train_preference(
+    base: clip.CLIP, seed: int, steps: int, batch: int, n_pairs: int, name: str, scale: float, hps: bool = False
+) -> clip.CLIP:
+    """``base`` fine-tuned Bradley-Terry on ``n_pairs`` preference pairs, margin ``scale * (cos_w - cos_l)``."""
+    winners, losers, prompts = preference_pairs(seed, n_pairs, "train", hps)
     pw, pl, ids = mr.normalize(winners), mr.normalize(losers), mr.tokenize(prompts)
     fns = (base.text[0], base.vision[0])
     params = {"text": base.text[1], "vision": base.vision[1]}
@@ -208,7 +215,7 @@ def train_pickscore(base: clip.CLIP, seed: int, steps: int, batch: int, n_pairs:
         iw, text = _embed(fns, params, pw, ids)
         il = fns[1](params["vision"], pl)["image_embeds"]
         il = il / jnp.linalg.norm(il, axis=-1, keepdims=True)
-        margin = mr.PICKSCORE_SCALE * jnp.sum((iw - il) * text, axis=-1)
+        margin = scale * jnp.sum((iw - il) * text, axis=-1)
         return -jax.nn.log_sigmoid(margin).mean()
 
     rng = np.random.default_rng(seed + 3)
@@ -217,7 +224,7 @@ def train_pickscore(base: clip.CLIP, seed: int, steps: int, batch: int, n_pairs:
         idx = rng.choice(len(ids), batch, replace=False)
         return pw[idx], pl[idx], ids[idx]
 
-    params = _run(loss_fn, params, batches, steps, 5e-4, "world_pickscore")
+    params = _run(loss_fn, params, batches, steps, 5e-4, name)
     return clip.CLIP(text=(fns[0], params["text"]), vision=(fns[1], params["vision"]), logit_scale=base.logit_scale)
 
 
@@ -308,12 +315,13 @@ def counting_conflict(root: Path, seed: int, per_count: int = 6) -> dict[str, fl
 
 
 def evaluate(out: Path, seed: int) -> dict:
-    clipscore, pickscore, aesthetic = (
-        rewards.get(n, root=out) for n in ("world_clipscore", "world_pickscore", "world_aesthetic")
+    clipscore, pickscore, hps, aesthetic = (
+        rewards.get(n, root=out) for n in ("world_clipscore", "world_pickscore", "world_hps", "world_aesthetic")
     )
     report = {
         "clipscore_match_accuracy": mr.match_accuracy(clipscore, seed, 600),
         "pickscore_match_accuracy": mr.match_accuracy(pickscore, seed, 600),
+        "hps_match_accuracy": mr.match_accuracy(hps, seed, 600),
         "pickscore_clean_over_noise16": clean_vs_noisy(pickscore, seed, 300, 16.0, 0.0),
         "pickscore_clean_over_blur1": clean_vs_noisy(pickscore, seed, 300, 0.0, 1.0),
         "clipscore_clean_over_noise16": clean_vs_noisy(clipscore, seed, 300, 16.0, 0.0),
@@ -322,6 +330,8 @@ def evaluate(out: Path, seed: int) -> dict:
     report["pickscore_heldout_pair_accuracy"] = float(
         (pickscore(won, p, [None] * len(p)) > pickscore(lost, p, [None] * len(p))).mean()
     )
+    won, lost, p = preference_pairs(seed + 11, 600, "heldout", hps=True)
+    report["hps_heldout_pair_accuracy"] = float((hps(won, p, [None] * len(p)) > hps(lost, p, [None] * len(p))).mean())
     images, targets = aesthetic_data(seed + 8, 600)
     pred = aesthetic(images, [""] * len(images), [None] * len(images))
     report["aesthetic_heldout_spearman"] = float(spearmanr(pred, targets).statistic)
@@ -335,21 +345,34 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=mr.ASSETS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny run for smoke tests (not for shipping)")
+    ap.add_argument("--reuse-clip", action="store_true", help="load world_clip from --out instead of training it")
     args = ap.parse_args()
     q = args.quick
     times = {}
     t = time.time()
-    world = train_clip(args.seed, 30 if q else 1200, 128, 500 if q else 12000, 100 if q else 3000)
-    save_clip(world, args.out / "world_clip")
-    times["world_clip_s"], t = time.time() - t, time.time()
-    pick = train_pickscore(world, args.seed + 10, 20 if q else 400, 64, 200 if q else 4000)
+    if args.reuse_clip:
+        world = mr.load_clip("world_clip", args.out)
+    else:
+        world = train_clip(args.seed, 30 if q else 1200, 128, 500 if q else 12000, 100 if q else 3000)
+        save_clip(world, args.out / "world_clip")
+        times["world_clip_s"] = time.time() - t
+    t = time.time()
+    pick = train_preference(
+        world, args.seed + 10, 20 if q else 400, 64, 200 if q else 4000, "world_pickscore", mr.PICKSCORE_SCALE
+    )
     save_clip(pick, args.out / "world_pickscore")
     times["world_pickscore_s"], t = time.time() - t, time.time()
+    # HPSv2 scores are bare cosines; its Bradley-Terry margin uses PickScore's scale all the same (a usable temperature).
+    hps = train_preference(world, args.seed + 30, 20 if q else 400, 64, 200 if q else 4000, "world_hps", mr.PICKSCORE_SCALE, True)
+    save_clip(hps, args.out / "world_hps")
+    times["world_hps_s"], t = time.time() - t, time.time()
     _, head = train_aesthetic(world, args.seed + 20, 50 if q else 2000, 128, 300 if q else 6000)
     save_aesthetic(head, args.out / "world_aesthetic")
     times["world_aesthetic_s"] = time.time() - t
     mr.load_clip.cache_clear()
     mr.load_aesthetic.cache_clear()
+    if args.reuse_clip:  # keep the recorded time of the shipped world_clip
+        times = {**json.loads((args.out / "report.json").read_text())["train_seconds"], **times}
     report = {"train_seconds": times, **evaluate(args.out, args.seed + 100)}
     report["bytes"] = {str(f.relative_to(args.out)): f.stat().st_size for f in sorted(args.out.rglob("*")) if f.is_file()}
     (args.out / "report.json").write_text(json.dumps(report, indent=1))

@@ -30,6 +30,7 @@ _REGISTRY: dict[str, str] = {
     # The embedded world's learned scorers (tiny Flax CLIPs / MLP, checkpoints shipped in world/assets/rewards).
     "world_clipscore": "marble_jax.world.model_rewards:world_clipscore",
     "world_pickscore": "marble_jax.world.model_rewards:world_pickscore",
+    "world_hps": "marble_jax.world.model_rewards:world_hps",
     "world_aesthetic": "marble_jax.world.model_rewards:world_aesthetic",
     # The paper's rewards on real images (REFERENCE §4); checkpoints are paths in the reward's options.
     "pickscore": "marble_jax.rewards.clip_scores:pickscore",

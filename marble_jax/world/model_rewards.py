@@ -1,6 +1,6 @@
-"""The world's learned rewards: ``world_clipscore``, ``world_pickscore``, ``world_aesthetic``.
+"""The world's learned rewards: ``world_clipscore``, ``world_pickscore``, ``world_hps``, ``world_aesthetic``.
 
-All three run the Flax CLIP of :mod:`marble_jax.models.clip` at world scale (32x32 images, 8x8
+All four run the Flax CLIP of :mod:`marble_jax.models.clip` at world scale (32x32 images, 8x8
 patches, 2 layers of width 64 per tower, 32-d embeddings, the world tokenizer) from checkpoints
 shipped in ``assets/rewards/`` (transformers ``CLIPModel`` layout: ``config.json`` +
 ``model.safetensors``, so transformers can load them too) and trained by
@@ -15,6 +15,13 @@ shipped in ``assets/rewards/`` (transformers ``CLIPModel`` layout: ``config.json
   prompt fidelity (the world's GenEval partial score, the OCR reward for text prompts, scene
   identity for plain prompts) minus :data:`NOISE_PENALTY` per unit of pixel noise std / 32 and
   :data:`BLUR_PENALTY` per unit of Gaussian blur sigma: it prefers correct, then clean images.
+* ``world_hps`` = ``cos(image_embeds, text_embeds)`` (no scale, as HPSv2) of ``world_hps``, another copy of
+  ``world_clip`` fine-tuned Bradley-Terry on its own pairs, ordered by :func:`hps_utility`: the human utility
+  plus :data:`HPS_AESTHETIC_WEIGHT` x the aesthetic target / 10 (HPSv2's annotators judged alignment and
+  appeal together); the world's stand-in for HPSv2.1, a second text-conditioned preference model beside
+  PickScore as in the paper. Measured: on two correct renders of one held-out prompt it follows the
+  aesthetic target no better than chance (0.49 of 343 pairs; PickScore 0.49): the fidelity and noise terms
+  decide its training pairs, so in this world it is a second PickScore trained on other pairs.
 * ``world_aesthetic`` = an MLP on ``world_clip``'s normalised image embedding (frozen, as the
   LAION aesthetic predictor) regressing :func:`aesthetic_target`, a 0-10 score of a clean render
   that likes few, large, centred, saturated objects in few colours.
@@ -54,6 +61,7 @@ CLIPSCORE_SCALE = 2.5
 PICKSCORE_SCALE = 10.0
 NOISE_PENALTY = 0.5
 BLUR_PENALTY = 0.5
+HPS_AESTHETIC_WEIGHT = 0.5
 MAX_LENGTH = 16
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
 
@@ -124,6 +132,12 @@ def corrupt(image: np.ndarray, noise_std: float, blur_sigma: float, rng: np.rand
 def human_utility(fidelity: float, noise_std: float, blur_sigma: float) -> float:
     """The hidden preference of ``world_pickscore``: ``fidelity - NOISE_PENALTY noise_std / 32 - BLUR_PENALTY blur_sigma``."""
     return fidelity - NOISE_PENALTY * noise_std / 32.0 - BLUR_PENALTY * blur_sigma
+
+
+def hps_utility(fidelity: float, aesthetic: float, noise_std: float, blur_sigma: float) -> float:
+    """The hidden preference of ``world_hps``: :func:`human_utility` ``+ HPS_AESTHETIC_WEIGHT aesthetic / 10``
+    (``aesthetic``: :func:`aesthetic_target` of the clean render)."""
+    return human_utility(fidelity, noise_std, blur_sigma) + HPS_AESTHETIC_WEIGHT * aesthetic / 10.0
 
 
 def aesthetic_target(image: np.ndarray) -> float:
@@ -210,7 +224,7 @@ def _need(directory: Path, *files: str) -> None:
 
 @functools.cache
 def load_clip(name: str, root: Path = ASSETS) -> clip.CLIP:
-    """The shipped world CLIP ``root/name`` (``world_clip`` or ``world_pickscore``)."""
+    """The shipped world CLIP ``root/name`` (``world_clip``, ``world_pickscore`` or ``world_hps``)."""
     d = Path(root) / name
     _need(d, "config.json", "model.safetensors")
     return clip.clip_from_torch_state(read_config(d), read_safetensors(d, "model"), source=str(d))
@@ -267,6 +281,17 @@ def world_pickscore(root: str | Path = ASSETS):
     def reward_fn(images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict | None]) -> np.ndarray:
         """float32 ``[B]`` preference scores of uint8 ``[B, 32, 32, 3]`` images."""
         return PICKSCORE_SCALE * _cosines(model, images, prompts)
+
+    return reward_fn
+
+
+def world_hps(root: str | Path = ASSETS):
+    """HPS-style preference score of the world: ``cos(image, prompt)`` of ``world_hps``, in [-1, 1]."""
+    model = load_clip("world_hps", Path(root))
+
+    def reward_fn(images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict | None]) -> np.ndarray:
+        """float32 ``[B]`` preference scores of uint8 ``[B, 32, 32, 3]`` images."""
+        return _cosines(model, images, prompts)
 
     return reward_fn
 
