@@ -25,11 +25,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import perturb_torch_module, rel_err, tiny_sd3_tokenizers
+from helpers import (
+    TINY_CLIP_PROCESSOR,
+    TINY_CLIP_VOCAB_SIZE,
+    real_looking_images,
+    rel_err,
+    save_clip_processor,
+    save_tiny_aesthetic_mlp,
+    save_tiny_clip,
+    save_tiny_openclip,
+)
 from PIL import Image
-from test_image_preprocess import real_looking_images
-from test_openclip import oc  # noqa: F401  (the fixture importing OpenCLIP's model code without torchvision)
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import CLIPTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from marble_jax.models.convert import load_clip_model
@@ -38,38 +45,8 @@ from marble_jax.rewards import clip_scores
 from marble_jax.rewards.image_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 TOL = 1e-5
-EOT = 60  # the tiny tokenizer's end-of-text id: the last of its 61 tokens
 PROMPTS = ["a red cat", "dog", "a cat and a dog on a red rug", "red", "the dog is red and the cat is not"]
 IMAGES = real_looking_images(len(PROMPTS), 60, 45, seed=3)  # portrait: the shortest-edge resize and crop both act
-TEXT = dict(
-    vocab_size=61, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-    max_position_embeddings=77, eos_token_id=EOT, bos_token_id=0, pad_token_id=EOT,
-)  # fmt: skip
-VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, image_size=32, patch_size=8)
-PROCESSOR = dict(image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), resample=3, do_resize=True,
-                 do_center_crop=True, do_normalize=True)  # fmt: skip
-
-
-def _save_clip(directory, act: str, logit_scale: float, processor: dict | None, seed: int):
-    """A tiny perturbed transformers ``CLIPModel`` in ``directory`` (with the tiny tokenizer, and ``processor`` as
-    its ``preprocessor_config.json`` when given); returns the torch model."""
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config={**TEXT, "hidden_act": act}, vision_config={**VISION, "hidden_act": act}, projection_dim=16,
-        logit_scale_init_value=logit_scale,
-    )  # fmt: skip
-    model = CLIPModel(config)
-    perturb_torch_module(model, seed=seed, scale=0.05)
-    model.eval().save_pretrained(directory)
-    if processor is not None:
-        _save_processor(directory, processor)
-    return model
-
-
-def _save_processor(directory, processor: dict) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "preprocessor_config.json").write_text(json.dumps({**PROCESSOR, **processor}))
-    tiny_sd3_tokenizers(directory / "vocab")[0].save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +55,9 @@ def models(tmp_path_factory):
     (QuickGELU, logit scale ln 100, integer sizes in its processor file) and a PickScore-like CLIP-H (GELU, its
     processor and tokenizer in a separate directory with the dict-format sizes)."""
     root = tmp_path_factory.mktemp("clip_rewards")
-    clip_l = _save_clip(root / "clip_l", "quick_gelu", float(np.log(100.0)), dict(size=36, crop_size=32), seed=0)
-    pick = _save_clip(root / "pick", "gelu", 4.2, None, seed=1)
-    _save_processor(root / "clip_h", dict(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}))
+    clip_l = save_tiny_clip(root / "clip_l", seed=0, processor=dict(size=36, crop_size=32))
+    pick = save_tiny_clip(root / "pick", seed=1, hidden_act="gelu", logit_scale=4.2)
+    save_clip_processor(root / "clip_h", dict(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}))
     return {"clip_l": (root / "clip_l", clip_l), "pick": (root / "pick", pick, root / "clip_h")}
 
 
@@ -125,35 +102,17 @@ def test_pickscore(models):
     assert reward(IMAGES[:0], [], []).shape == (0,)
 
 
-class _LaionMLP(torch.nn.Module):
-    """LAION's improved-aesthetic-predictor layout (its ReLUs are commented out), scaled down."""
-
-    def __init__(self, dims=(16, 24, 12, 8, 4, 1)):
-        super().__init__()
-        d = dims
-        self.layers = torch.nn.Sequential(
-            torch.nn.Linear(d[0], d[1]), torch.nn.Dropout(0.2), torch.nn.Linear(d[1], d[2]), torch.nn.Dropout(0.2),
-            torch.nn.Linear(d[2], d[3]), torch.nn.Dropout(0.1), torch.nn.Linear(d[3], d[4]), torch.nn.Linear(d[4], d[5]),
-        )  # fmt: skip
-
-    def forward(self, x):
-        return self.layers(x)
-
-
 def test_aesthetic(models, tmp_path):
     directory, model = models["clip_l"]
-    torch.manual_seed(2)
-    mlp = _LaionMLP().eval()
-    torch.save(mlp.state_dict(), tmp_path / "mlp.pth")
+    mlp = save_tiny_aesthetic_mlp(tmp_path / "mlp.pth", seed=2)
     ours = clip_scores.aesthetic(path=str(tmp_path / "mlp.pth"), clip_path=str(directory), batch_size=4)(
         IMAGES, PROMPTS, [None] * len(PROMPTS)
     )
     with torch.no_grad():
-        ref = mlp(_reference(model, directory)[0].image_embeds).squeeze(1)
+        ref = mlp.layers(_reference(model, directory)[0].image_embeds).squeeze(1)
     assert rel_err(ours, ref) < TOL
 
-    wide = _LaionMLP(dims=(20, 24, 12, 8, 4, 1))
-    torch.save(wide.state_dict(), tmp_path / "wide.pth")
+    save_tiny_aesthetic_mlp(tmp_path / "wide.pth", dims=(20, 24, 12, 8, 4, 1))
     with pytest.raises(WeightError, match=r"takes 20-d embeddings.*gives 16-d"):
         clip_scores.aesthetic(path=str(tmp_path / "wide.pth"), clip_path=str(directory))
     broken = {**mlp.state_dict(), "layers.4.weight": torch.zeros(8, 5)}
@@ -162,16 +121,14 @@ def test_aesthetic(models, tmp_path):
         clip_scores.load_aesthetic_mlp(tmp_path / "broken.pth")
 
 
-def test_hpsv2_matches_openclip(oc, models, tmp_path):  # noqa: F811
-    torch.manual_seed(3)
-    model = oc.CLIP(
+def test_hpsv2_matches_openclip(models, tmp_path):
+    model = save_tiny_openclip(
+        tmp_path / "hps.pt",
         32,
-        vision_cfg=oc.CLIPVisionCfg(width=64, layers=1, head_width=64, mlp_ratio=2.0, patch_size=32, image_size=224),
-        text_cfg=oc.CLIPTextCfg(context_length=77, vocab_size=61, width=64, heads=1, layers=1, mlp_ratio=2.0),
+        vision=dict(width=64, layers=1, head_width=64, mlp_ratio=2.0, patch_size=32, image_size=224),
+        text=dict(context_length=77, vocab_size=TINY_CLIP_VOCAB_SIZE, width=64, heads=1, layers=1, mlp_ratio=2.0),
+        seed=3,
     )
-    perturb_torch_module(model, seed=3, scale=0.05)
-    model.eval()
-    torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, tmp_path / "hps.pt")
     tokenizer_dir = models["clip_l"][0]
     images = real_looking_images(len(PROMPTS), 200, 300, seed=4)  # landscape: resized to 149 x 224, padded top / bottom
     ours = clip_scores.hpsv2(path=str(tmp_path / "hps.pt"), tokenizer_path=str(tokenizer_dir), batch_size=3)(
@@ -200,7 +157,7 @@ def test_missing_paths(models, tmp_path):
     clip_l, pick = str(models["clip_l"][0]), str(models["pick"][0])
     no_tokenizer = tmp_path / "no_tokenizer"
     no_tokenizer.mkdir()
-    (no_tokenizer / "preprocessor_config.json").write_text(json.dumps({**PROCESSOR, "size": 36, "crop_size": 32}))
+    (no_tokenizer / "preprocessor_config.json").write_text(json.dumps({**TINY_CLIP_PROCESSOR, "size": 36, "crop_size": 32}))
     for name in ("config.json", "model.safetensors"):
         (no_tokenizer / name).symlink_to(models["clip_l"][0] / name)
     cases = [

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import string
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import perturb_torch_module, rel_err
+from helpers import COCO_LABELS, rel_err, save_tiny_clip, save_tiny_mask2former
 from PIL import Image
 
 from marble_jax.rewards import geneval as GE
@@ -19,18 +18,6 @@ from marble_jax.rewards.geneval_rules import Detection
 
 GENEVAL_METADATA = Path("/work/shared/data/prompts/geneval/test_metadata.jsonl")
 
-# transformers' coco-detection-mmdet-id2label.json (the id2label of facebook/mask2former-*-coco-instance).
-COCO_LABELS = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
-    "hair drier", "toothbrush",
-)  # fmt: skip
 GENEVAL_SPELLING = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
 TEMPLATES = ("a photo of a {c} {o}", "a photo of a {c}-colored {o}", "a photo of a {c} object")  # GenEval's, for the torch side
 IMAGE = 64
@@ -175,64 +162,11 @@ def test_bad_metadata_names_the_sample_and_the_field():
 # --- tiny checkpoints ---------------------------------------------------------------------------------
 
 
-def save_tiny_detector(path: Path, boosted=("dining table", "mouse", "wine glass", "cup")):
-    """A random Mask2Former (tiny Swin) with COCO labels; the class head favours ``boosted`` so that detections
-    pass GenEval's 0.3 (scores come out about 0.3-0.47), and queries disagree on the class."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
-    from transformers.models.mask2former.image_processing_pil_mask2former import Mask2FormerImageProcessorPil
-
-    backbone = SwinConfig(
-        image_size=IMAGE, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )  # fmt: skip
-    config = Mask2FormerConfig(
-        backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=32,
-        encoder_layers=1, decoder_layers=2, num_attention_heads=2, dim_feedforward=32, num_queries=12, num_labels=80,
-        id2label=dict(enumerate(COCO_LABELS)), label2id={label: i for i, label in enumerate(COCO_LABELS)},
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = Mask2FormerForUniversalSegmentation(config).eval()
-    with torch.no_grad():
-        bias = torch.full((81,), -6.0)
-        bias[[COCO_LABELS.index(b) for b in boosted]] = 3.0
-        model.class_predictor.bias.copy_(bias)
-        model.class_predictor.weight.mul_(30)
-    model.save_pretrained(path)
-    Mask2FormerImageProcessorPil(size={"height": IMAGE, "width": IMAGE}).save_pretrained(path)
-
-
-def save_tiny_clip(path: Path) -> None:
-    """A random CLIPModel (32x32 images, legacy eos_token_id 2: pool at the largest id = end-of-text), a letter-level
-    BPE tokenizer with "-", and a 32-pixel CLIP image processor."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    path.mkdir(parents=True)
-    letters = string.ascii_lowercase
-    merges = ["r e", "re d</w>"]
-    vocab = ["<|startoftext|>", "-", "-</w>", *letters, *(c + "</w>" for c in letters), "re", "red</w>", "<|endoftext|>"]
-    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    CLIPTokenizer.from_pretrained(path).save_pretrained(path)
-    text = dict(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-        max_position_embeddings=48, eos_token_id=2, bos_token_id=0, pad_token_id=1,
-    )  # fmt: skip
-    vision = dict(
-        hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, image_size=32, patch_size=8
-    )  # fmt: skip
-    torch.manual_seed(1)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
-    perturb_torch_module(model, seed=1, scale=0.05)
-    model.save_pretrained(path)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("geneval")
-    save_tiny_detector(root / "detector")
-    save_tiny_clip(root / "clip")
+    save_tiny_mask2former(root / "detector", IMAGE)
+    save_tiny_clip(root / "clip", seed=1, legacy_eos=True, processor={})  # legacy eos_token_id 2: pool at the largest id
     return root / "detector", root / "clip"
 
 
@@ -307,7 +241,7 @@ def test_classify_colors_matches_torch_clip(checkpoints):
         classes = {}
         for name in set(names):
             texts = [t.format(c=c, o=name) for c in GE.COLORS for t in TEMPLATES]
-            ids = tokenizer(texts, padding="max_length", max_length=48, return_tensors="pt")
+            ids = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt")
             text = F.normalize(model.get_text_features(**ids).pooler_output, dim=-1)
             classes[name] = F.normalize(text.reshape(len(GE.COLORS), len(TEMPLATES), -1).mean(1), dim=-1)
         pixels = processor(images=crops, return_tensors="pt")["pixel_values"]

@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import real_looking_images
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -25,26 +26,6 @@ from marble_jax.rewards.image_preprocess import (
 
 PIXEL_TOL = 1e-6  # float32 rounding of the normalised values (|x| < 2.2); the resized uint8 pixels are exact
 SIZES = [(512, 512), (300, 517), (700, 380), (900, 300), (150, 100), (224, 224)]  # square, wide, tall, very tall, up, same
-
-
-def real_looking_images(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
-    """uint8 ``[n,H,W,3]``: smooth gradients and waves, hard-edged rectangles, saturated corners and noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width] / max(height, width)
-    out = []
-    for i in range(n):
-        f = 4 + 6 * rng.random()
-        img = np.stack([255 * x, 255 * y, 127 + 127 * np.sin(f * (x + i) * (y + 0.3))], -1)
-        for _ in range(3):
-            top, left = rng.integers(0, height - 4), rng.integers(0, width - 4)
-            img[top : top + rng.integers(2, height // 3 + 3), left : left + rng.integers(2, width // 3 + 3)] = rng.integers(
-                0, 256, 3
-            )
-        img[: height // 8, : width // 8] = 0
-        img[-height // 8 :, -width // 8 :] = 255
-        img = img + rng.normal(0, 12, img.shape)
-        out.append(np.clip(np.round(img), 0, 255).astype(np.uint8))
-    return np.stack(out)
 
 
 def _write_config(path, **config) -> None:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -13,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from helpers import perturb_torch_module, rel_err
+from helpers import open_clip_model_module, rel_err, save_tiny_openclip
 
 from marble_jax.models import clip, openclip
 from marble_jax.models.functional import path_leaves
@@ -29,47 +26,8 @@ SOT, EOT = 49406, openclip.EOT_TOKEN_ID
 
 @pytest.fixture(scope="module")
 def oc() -> types.ModuleType:
-    """OpenCLIP's real ``open_clip.model``. The package ``__init__`` (image transforms) and ``open_clip.utils``
-    import torchvision, which is not installed: for the import only, ``torchvision.ops.misc`` is a stub holding a
-    ``FrozenBatchNorm2d`` placeholder (used by ResNet towers only) and the package is entered without its
-    ``__init__``; every module the import added is removed again afterwards."""
-    # open_clip.hf_model's imports, resolved before the stub exists: transformers probes for torchvision by module spec
-    import transformers.modeling_outputs  # noqa: F401
-    from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: F401
-
-    before = set(sys.modules)
-    misc = types.ModuleType("torchvision.ops.misc")
-    misc.FrozenBatchNorm2d = type("FrozenBatchNorm2d", (torch.nn.Module,), {})
-    ops = types.ModuleType("torchvision.ops")
-    ops.misc = misc
-    tv = types.ModuleType("torchvision")
-    tv.ops = ops
-    package = types.ModuleType("open_clip")
-    package.__path__ = list(importlib.util.find_spec("open_clip").submodule_search_locations)
-    with pytest.MonkeyPatch.context() as mp:
-        stubs = {"torchvision": tv, "torchvision.ops": ops, "torchvision.ops.misc": misc, "open_clip": package}
-        for name, module in stubs.items():
-            mp.setitem(sys.modules, name, module)
-        model = importlib.import_module("open_clip.model")
-    for name in set(sys.modules) - before:
-        if name.split(".")[0] in ("open_clip", "torchvision"):
-            del sys.modules[name]
-    return model
-
-
-def _torch_clip(oc, *, seed: int = 0):
-    torch.manual_seed(seed)
-    model = oc.CLIP(EMBED, vision_cfg=oc.CLIPVisionCfg(**VISION), text_cfg=oc.CLIPTextCfg(**TEXT))
-    perturb_torch_module(model, seed=seed, scale=0.05)  # LayerNorm scales / biases, zero biases, logit_scale: all off default
-    return model.eval()
-
-
-def _save(model: torch.nn.Module, path: Path) -> Path:
-    """As a training script saves it: ``{"state_dict": ...}`` under DataParallel's ``module.`` prefix."""
-    state = {"module." + k: v for k, v in model.state_dict().items()}
-    state["module.attn_mask"] = model.attn_mask  # a buffer some checkpoints carry; rebuilt, never read
-    torch.save({"epoch": 1, "state_dict": state}, path)
-    return path
+    """OpenCLIP's real ``open_clip.model`` (imported without torchvision: :func:`helpers.open_clip_model_module`)."""
+    return open_clip_model_module()
 
 
 def _token_ids(rng: np.random.Generator) -> np.ndarray:
@@ -83,8 +41,8 @@ def _token_ids(rng: np.random.Generator) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def converted(oc, tmp_path_factory):
-    model = _torch_clip(oc)
-    path = _save(model, tmp_path_factory.mktemp("openclip") / "tiny_openclip.pt")
+    path = tmp_path_factory.mktemp("openclip") / "tiny_openclip.pt"
+    model = save_tiny_openclip(path, EMBED, VISION, TEXT, seed=0, oc=oc)
     return model, path, openclip.load_openclip(path)
 
 

@@ -12,9 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from helpers import perturb_torch_module, rel_err, tiny_sd3_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from helpers import rel_err, tiny_sd3_pipeline
 
 from marble_jax import pipeline
 
@@ -23,51 +21,13 @@ PROMPTS = ["a red cat", "A dog, 3 cats!"]
 T5_LENGTH = 12
 STEPS = 4
 
-# SD3.5-shaped and tiny: CLIP-L (legacy eos id: pooled at the largest id) and CLIP-G (pooled at the first
-# eos) with projections, a gated-gelu T5 as wide as the MMDiT's context, an MMDiT-X (dual attention in
-# block 0, RMSNorm q/k, a context-pre-only last block), a 16-channel VAE (2x downsampling: SD3's 8x only
-# adds blocks that tests/test_vae.py covers).
-CLIP_L = dict(vocab_size=61, hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
-              projection_dim=8, max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=2, bos_token_id=0)  # fmt: skip
-CLIP_G = dict(vocab_size=61, hidden_size=16, intermediate_size=24, num_attention_heads=2, num_hidden_layers=2, projection_dim=12,
-              max_position_embeddings=77, hidden_act="gelu", eos_token_id=60, bos_token_id=0, pad_token_id=1)  # fmt: skip
-T5 = dict(vocab_size=34, d_model=32, d_kv=8, d_ff=32, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
-          relative_attention_max_distance=16, feed_forward_proj="gated-gelu")  # fmt: skip
-TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-                   joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=20, out_channels=16,
-                   pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm")  # fmt: skip
-VAE = dict(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-           layers_per_block=1, latent_channels=16, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
-           scaling_factor=1.5305, shift_factor=0.0609)  # fmt: skip
-
-
-def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    perturb_torch_module(model, seed=seed)
-    return model.eval()
-
-
-def _torch_pipeline(tmp: Path, with_t5: bool) -> StableDiffusion3Pipeline:
-    torch.manual_seed(0)
-    tok_l, tok_g, tok_t5 = tiny_sd3_tokenizers(tmp / "vocab")
-    return StableDiffusion3Pipeline(
-        transformer=_perturbed(SD3Transformer2DModel(**TRANSFORMER), 1),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_perturbed(AutoencoderKL(**VAE), 2),
-        text_encoder=_perturbed(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L)), 3),
-        tokenizer=tok_l,
-        text_encoder_2=_perturbed(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)), 4),
-        tokenizer_2=tok_g,
-        text_encoder_3=_perturbed(T5EncoderModel(T5Config(**T5)), 5) if with_t5 else None,
-        tokenizer_3=tok_t5 if with_t5 else None,
-    )
-
 
 def _build(tmp_path_factory, with_t5: bool):
     """``(snapshot directory, torch pipeline, our pipeline)``; without T5, model_index.json names text_encoder_3 null."""
-    tmp = tmp_path_factory.mktemp("t5" if with_t5 else "no_t5")
-    ref_pipe = _torch_pipeline(tmp, with_t5)
-    ref_pipe.save_pretrained(tmp / "snapshot")
-    return tmp / "snapshot", ref_pipe, pipeline.from_pretrained(tmp / "snapshot")
+    path = tmp_path_factory.mktemp("t5" if with_t5 else "no_t5") / "snapshot"
+    ref_pipe = tiny_sd3_pipeline(with_t5)
+    ref_pipe.save_pretrained(path)
+    return path, ref_pipe, pipeline.from_pretrained(path)
 
 
 @pytest.fixture(scope="module")
