@@ -96,7 +96,8 @@ def _train_and_eval_rewards(config: ml_collections.ConfigDict) -> tuple[dict[str
     """The training and held-out reward functions by name (held-out: the trained ones, then
     ``config.eval_only_rewards``; a trained reward's held-out options are its training options updated by
     ``config.eval_reward_options``); a reward with the same options in both is built (its checkpoint read) once.
-    Unknown names, options for rewards not used and missing reward checkpoints raise here."""
+    Unknown reward names and missing reward checkpoints raise here; changed options of a reward not used are
+    ignored with a warning."""
     names, eval_only, known = list(config.rewards), list(config.eval_only_rewards), reward_registry.names()
     unknown = [n for n in names + eval_only if n not in known]
     if unknown:
