@@ -23,6 +23,16 @@ Modes, with ``r`` the per-reward weights ``[K, B]``:
   coefficients and ONE backward pass, by the affinity of ``L`` in ``r``:
   ``sum_k c_k grad L(r_k) = C grad L(sum_k c_k r_k / C)``, ``C = sum_k c_k``.
 
+* ``marble_gram``: the ``marble`` direction (same Gram matrix, coefficients and update) at a cost that does not
+  grow with K, from per-sample gradients (:func:`sample_gradients`). The policy loss is a per-sample sum and the
+  network mixes nothing across samples, so every reward's gradient is a combination of the 2B per-sample gradients
+  of the two NFT terms: with ``J [2B, D]`` the rows ``grad P_b``, ``grad N_b`` and ``R [K, 2B]`` the coefficients
+  ``R[k, (b, P)] = s r_kb / B``, ``R[k, (b, N)] = s (1 - r_kb) / B``, ``g = R J`` and ``G = R (J J^T) R^T``. One
+  forward and the per-sample vjp of two cotangent rows (three with the KL term, whose per-sample rows are summed)
+  replace the K + 1 backward rows; the K gradients are then a contraction ``R J`` of rows already computed. Over
+  M micro-batches the ``R_m J_m`` are accumulated (``J J^T`` has cross-micro-batch blocks that one micro-batch's
+  rows cannot give), so the Gram matrix, coefficients and update are ``marble``'s, up to float32 summation order.
+
 ``solve`` is a static Python bool (the caller knows ``step % N``): two compiled programs, no
 recompilation afterwards and no host round trip.
 """
@@ -45,7 +55,8 @@ PyTree = Any
 VelocityFn = Callable[[PyTree], Array]
 MicroVelocityFn = Callable[[PyTree, Any], Array]  # (params, micro-batch conditioning) -> v
 
-MODES = ("single", "weighted_sum", "marble", "marble_amortized")
+MODES = ("single", "weighted_sum", "marble", "marble_amortized", "marble_gram")
+SOLVING_MODES = ("marble", "marble_amortized", "marble_gram")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +187,70 @@ def reward_gradients(
     return RewardGradients(grads, kl_grad, losses, kl)
 
 
+class SampleGradients(NamedTuple):
+    """Per-sample gradients of the NFT terms of one batch of B samples (:func:`sample_gradients`).
+
+    Attributes:
+      rows: pytree like ``params`` with leading axes ``[B, 2]`` on every leaf: ``grad P_b`` and ``grad N_b``.
+      kl_grad: ``kl_beta * grad KL`` of the batch like ``params`` (zeros when ``kl_beta == 0``).
+      pos, neg: ``[B]`` the per-sample terms ``P_b``, ``N_b``.
+      kl: the KL term's value (unweighted).
+    """
+
+    rows: PyTree
+    kl_grad: PyTree
+    pos: Array
+    neg: Array
+    kl: Array
+
+
+def sample_gradients(
+    velocity_fn: MicroVelocityFn, params: PyTree, cond: PyTree, inputs: NFTInputs, config: NFTConfig
+) -> SampleGradients:
+    """``J``: the gradients of every sample's ``P_b`` and ``N_b``, weight gradients left unreduced over the batch.
+
+    ``velocity_fn(params, cond) -> v [B, H, W, C]`` must treat samples independently (``v[b]`` depends on the leaves
+    ``[b]`` of ``cond`` only, as the MMDiT does); every leaf of ``cond`` and ``inputs`` has the leading axis B. Each
+    sample runs as a batch of one under ``jax.vmap`` (XLA batches it back): one forward, and the vjp of two cotangent
+    rows per sample, three with the KL term (its rows are summed over the batch into ``kl_grad``).
+    """
+    batch = inputs.t.shape[0]
+    use_kl = config.kl_beta > 0
+
+    def one(c_b, inp_b):
+        c1, i1 = jax.tree.map(lambda x: x[None], (c_b, inp_b))
+        v, vjp = jax.vjp(lambda p: velocity_fn(p, c1), params)
+        pos, neg, d_pos, d_neg = _cotangent_basis(v, i1, config)
+        rows = [d_pos, d_neg]
+        if use_kl:  # the batch's kl_beta * mean((v - v_ref)^2) has this sample's part / B
+            rows.append(_kl_cotangent(v, i1, config) / batch)
+        (g,) = jax.vmap(vjp)(jnp.stack(rows).astype(v.dtype))
+        kl_b = kl_loss(v, i1.v_ref) if use_kl else jnp.zeros((), jnp.float32)
+        return g, pos[0], neg[0], kl_b
+
+    g, pos, neg, kl_b = jax.vmap(one)(cond, inputs)
+    rows = jax.tree.map(lambda leaf: leaf[:, :2], g)
+    kl_grad = jax.tree.map(lambda leaf: jnp.sum(leaf[:, 2], axis=0), g) if use_kl else jax.tree.map(jnp.zeros_like, params)
+    return SampleGradients(rows, kl_grad, pos, neg, jnp.mean(kl_b))
+
+
+def reward_matrix(r: Array, config: NFTConfig) -> Array:
+    """``R [K, B, 2]``: reward k's policy gradient is ``sum_b R[k, b, 0] grad P_b + R[k, b, 1] grad N_b``; ``r [K, B]``."""
+    r = r.astype(jnp.float32)
+    return (config.policy_scale / r.shape[1]) * jnp.stack([r, 1 - r], axis=-1)
+
+
+def gradients_from_samples(sg: SampleGradients, r: Array, config: NFTConfig) -> RewardGradients:
+    """The K per-reward gradients ``R J`` (and losses) of per-sample gradients, ``r [K, B]``: no network call."""
+    rm = reward_matrix(r, config)
+
+    def contract(leaf):
+        return jnp.einsum("kbj,bj...->k...", rm, leaf, preferred_element_type=jnp.float32).astype(leaf.dtype)
+
+    losses = jax.vmap(lambda rk: policy_loss(sg.pos, sg.neg, rk, config))(r)
+    return RewardGradients(jax.tree.map(contract, sg.rows), sg.kl_grad, losses, sg.kl)
+
+
 def weighted_gradient(
     velocity_fn: VelocityFn, params: PyTree, inputs: NFTInputs, r: Array, config: NFTConfig, scale: Array | float = 1.0
 ) -> tuple[PyTree, dict[str, Array]]:
@@ -262,12 +337,19 @@ def accumulated_direction(
     gradient) are averaged over the micro-batches under ``jax.lax.scan`` before the MGDA solve, so the balance is
     computed on the whole batch's gradients, with one micro-batch's activations in memory at a time.
     ``mask [K]``: rewards to leave out of a solve (see :func:`marble_jax.mgda.harmonize`); all by default.
+    ``marble_gram`` runs each sample alone: every leaf of ``cond`` then also has the batch axis, ``[M, B, ...]``.
     """
     if cfg.mode in ("single", "weighted_sum"):
         if r.ndim != 2:
             raise ValueError(f"mode {cfg.mode!r} takes one weight vector r [B] per micro-batch, got shape {r.shape}")
     elif r.ndim != 3 or r.shape[1] != state.ema_weights.shape[0]:
         raise ValueError(f"mode {cfg.mode!r} takes r [K, B] with K = {state.ema_weights.shape[0]}, got shape {r.shape[1:]}")
+    if cfg.mode == "marble_gram":
+
+        def rows(c, inp, rm):
+            return gradients_from_samples(sample_gradients(velocity_fn, params, c, inp, nft), rm, nft)
+
+        return _direction_from_gradients(_micro_mean(rows, (cond, inputs, r)), state, cfg, mask)
     if cfg.mode in ("marble", "marble_amortized") and (cfg.mode == "marble" or solve):
 
         def rows(c, inp, rm):
@@ -312,6 +394,11 @@ def update_direction(
     """
     if cfg.mode in ("single", "weighted_sum") and r.ndim != 1:
         raise ValueError(f"mode {cfg.mode!r} takes one weight vector r [B], got shape {r.shape}")
+    if cfg.mode == "marble_gram":
+        raise ValueError(
+            "mode 'marble_gram' runs each sample alone: use accumulated_direction, whose velocity_fn(params, cond) "
+            "takes the per-sample conditioning"
+        )
     one = jax.tree.map(lambda x: x[None], (inputs, r))
     return accumulated_direction(lambda p, _: velocity_fn(p), params, jnp.zeros((1,)), *one, state, nft, cfg, solve=solve)
 

@@ -1,0 +1,125 @@
+"""``marble_gram`` (per-sample gradients, ``g = R J``) against the vmapped-vjp ``marble`` mode on a tiny MMDiT-X."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import rel_err
+
+from marble_jax import balance, mgda
+from marble_jax.models import lora, mmdit
+from marble_jax.nft_loss import NFTConfig, NFTInputs, noisy_latents
+
+M, B = 2, 3  # micro-batches of B samples
+TINY = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=4,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    caption_projection_dim=16,
+    pooled_projection_dim=8,
+    out_channels=4,
+    pos_embed_max_size=8,
+    dual_attention_layers=(0,),
+    qk_norm="rms_norm",
+)
+NFT = NFTConfig(beta=0.1, adv_clip_max=5.0, kl_beta=1e-2)
+# float32: the two modes sum the same products in different orders (per-sample weight gradients contracted with R
+# against one batched backward per reward); 1e-4 relative leaves room for that rounding over M micro-batches.
+TOL = 1e-4
+
+
+def _problem(finetune: str):
+    """``(velocity_fn(params, cond), params, cond [M, B, ...], inputs [M, B, ...])``."""
+    apply_fn, base = mmdit.from_config(TINY, key=jax.random.key(0))
+    ks = jax.random.split(jax.random.key(1), 8)
+    if finetune == "lora":
+        spec = lora.LoRASpec(rank=4, alpha=8)
+        lora_apply = lora.with_lora(mmdit.build(TINY), spec)
+        params = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(ks[7], x.shape), lora.init_lora(base, spec, ks[6]))
+        net = lambda p, *args: lora_apply(base, p, *args)  # noqa: E731
+        ref_params = None
+    else:
+        params, net = base, apply_fn
+        ref_params = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(ks[7], x.shape), base)
+
+    x0 = jax.random.normal(ks[0], (M, B, 8, 8, 4))
+    t = jax.random.uniform(ks[1], (M, B), minval=0.05, maxval=0.95)
+    x_t = jax.vmap(noisy_latents)(x0, jax.random.normal(ks[2], x0.shape), t)
+    ctx = jax.random.normal(ks[3], (M, B, 5, 16))
+    pooled = jax.random.normal(ks[4], (M, B, 8))
+    cond = (x_t, t, ctx, pooled)
+
+    def velocity(p, c):
+        x, tt, cx, pl = c
+        return net(p, x, 1000 * tt, cx, pl)
+
+    v = jax.vmap(lambda c: velocity(params, c))(cond)
+    v_ref = v - 0.05 if ref_params is None else jax.vmap(lambda c: velocity(ref_params, c))(cond)
+    inputs = NFTInputs(x0, x_t, t, v + 0.02 * jax.random.normal(ks[5], v.shape), v_ref)
+    return velocity, params, cond, inputs
+
+
+@pytest.fixture(scope="module", params=["lora", "full"])
+def problem(request):
+    return _problem(request.param)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 16])
+def test_gram_mode_equals_vmapped_vjp_mode(problem, k):
+    velocity, params, cond, inputs = problem
+    r = jax.random.uniform(jax.random.key(10 + k), (M, k, B))
+    if k > 1:
+        r = r.at[:, 1].set(0.5)  # a reward that applies to no sample: its gradient is rounding noise
+        r = r.at[:, 0, 0].set(0.5)  # and one that does not apply to one sample
+    mask = jnp.ones((k,), bool).at[1].set(False) if k > 1 else None
+    state = mgda.init_state(k)
+
+    def run(mode):
+        cfg = balance.BalanceConfig(mode=mode)
+        return jax.jit(lambda p: balance.accumulated_direction(velocity, p, cond, inputs, r, state, NFT, cfg, mask=mask))(params)
+
+    ref, gram = run("marble"), run("marble_gram")
+    for name in ("lambda", "coefficients", "grad_norms", "cosines", "policy_losses"):
+        live = slice(None) if k == 1 else np.r_[0, 2:k]
+        a, b = np.asarray(gram.metrics[name])[live], np.asarray(ref.metrics[name])[live]
+        assert rel_err(a, b) < TOL, (name, a, b)
+    assert rel_err(float(gram.metrics["kl"]), float(ref.metrics["kl"])) < TOL
+    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
+    assert rel_err(flat(gram.update), flat(ref.update)) < TOL
+    # leaf by leaf: K coefficients times gradients that partly cancel in the sum; small leaves lose a few more digits
+    for a, b in zip(jax.tree.leaves(gram.update), jax.tree.leaves(ref.update), strict=True):
+        assert rel_err(np.asarray(a), np.asarray(b)) < 10 * TOL
+    assert bool(gram.finite)
+
+
+def test_per_reward_gradients_are_R_times_per_sample_rows(problem):
+    """``g = R J`` and ``G = R (J J^T) R^T`` on one micro-batch, against the K backward passes of ``marble``."""
+    velocity, params, cond, inputs = problem
+    c0, i0 = jax.tree.map(lambda x: x[0], (cond, inputs))
+    r = jax.random.uniform(jax.random.key(3), (5, B))
+    sg = balance.sample_gradients(velocity, params, c0, i0, NFT)
+    assert all(leaf.shape[:2] == (B, 2) for leaf in jax.tree.leaves(sg.rows))
+    rg = balance.reward_gradients(lambda p: velocity(p, c0), params, i0, r, NFT)
+    rm = balance.reward_matrix(r, NFT).reshape(5, 2 * B)
+    jjt = mgda.gram_matrix(jax.tree.map(lambda x: x.reshape((2 * B,) + x.shape[2:]), sg.rows))
+    assert rel_err(np.asarray(rm @ jjt @ rm.T), np.asarray(mgda.gram_matrix(rg.grads))) < TOL
+    for a, b in zip(jax.tree.leaves(balance.gradients_from_samples(sg, r, NFT).grads), jax.tree.leaves(rg.grads), strict=True):
+        assert rel_err(np.asarray(a), np.asarray(b)) < TOL
+    for a, b in zip(jax.tree.leaves(sg.kl_grad), jax.tree.leaves(rg.kl_grad), strict=True):
+        assert rel_err(np.asarray(a), np.asarray(b)) < TOL
+
+
+def test_update_direction_refuses_gram_mode(problem):
+    velocity, params, cond, inputs = problem
+    c0, i0 = jax.tree.map(lambda x: x[0], (cond, inputs))
+    with pytest.raises(ValueError, match="accumulated_direction"):
+        balance.update_direction(
+            lambda p: velocity(p, c0), params, i0, jnp.full((2, B), 0.7), mgda.init_state(2), NFT,
+            balance.BalanceConfig(mode="marble_gram"),
+        )  # fmt: skip
