@@ -25,13 +25,14 @@ Modes, with ``r`` the per-reward weights ``[K, B]``:
 
 * ``marble_gram``: the ``marble`` direction (same Gram matrix, coefficients and update) at a cost that does not
   grow with K, from per-sample gradients (:func:`sample_gradients`). The policy loss is a per-sample sum and the
-  network mixes nothing across samples, so every reward's gradient is a combination of the 2B per-sample gradients
-  of the two NFT terms: with ``J [2B, D]`` the rows ``grad P_b``, ``grad N_b`` and ``R [K, 2B]`` the coefficients
-  ``R[k, (b, P)] = s r_kb / B``, ``R[k, (b, N)] = s (1 - r_kb) / B``, ``g = R J`` and ``G = R (J J^T) R^T``. One
-  forward and the per-sample vjp of two cotangent rows (three with the KL term, whose per-sample rows are summed)
-  replace the K + 1 backward rows; the K gradients are then a contraction ``R J`` of rows already computed. Over
-  M micro-batches the ``R_m J_m`` are accumulated (``J J^T`` has cross-micro-batch blocks that one micro-batch's
-  rows cannot give), so the Gram matrix, coefficients and update are ``marble``'s, up to float32 summation order.
+  network mixes nothing across samples, so every reward's gradient lies in the span of per-sample gradients:
+  ``g_k = h + sum_b R[k, b] J_b`` with ``J_b = grad (P_b - N_b) / 2``, ``R[k, b] = (s / B) (2 r_kb - 1)`` and ``h``
+  the reward-independent gradient at ``r = 1/2``; so ``g = R' J'`` with ``J' = [h; J]``, ``R' = [1, R]`` and
+  ``G = R' (J' J'^T) R'^T``. One forward and three backward rows (the per-sample ``J_b``, the reduced ``h`` and
+  the KL gradient; two without KL) replace the K + 1 backward rows; the K gradients are then a contraction of
+  rows already computed. Over M micro-batches the ``g_k`` are accumulated (``J' J'^T`` has cross-micro-batch
+  blocks that one micro-batch's rows cannot give), so the Gram matrix, coefficients and update are ``marble``'s,
+  up to float32 summation order.
 
 ``solve`` is a static Python bool (the caller knows ``step % N``): two compiled programs, no
 recompilation afterwards and no host round trip.
@@ -188,16 +189,21 @@ def reward_gradients(
 
 
 class SampleGradients(NamedTuple):
-    """Per-sample gradients of the NFT terms of one batch of B samples (:func:`sample_gradients`).
+    """Per-sample gradients of the NFT policy terms of one batch of B samples (:func:`sample_gradients`).
+
+    With ``s = adv_clip_max / beta``, reward k's policy gradient is ``g_k = neutral + sum_b (s / B) (2 r_kb - 1) rows_b``.
 
     Attributes:
-      rows: pytree like ``params`` with leading axes ``[B, 2]`` on every leaf: ``grad P_b`` and ``grad N_b``.
+      rows: pytree like ``params`` with a leading axis B on every leaf: ``(grad P_b - grad N_b) / 2``.
+      neutral: the policy gradient at ``r = 1/2`` everywhere, ``(s / 2B) sum_b (grad P_b + grad N_b)``, like ``params``
+        (shared by every reward; it vanishes at ``v_theta = v_old``).
       kl_grad: ``kl_beta * grad KL`` of the batch like ``params`` (zeros when ``kl_beta == 0``).
       pos, neg: ``[B]`` the per-sample terms ``P_b``, ``N_b``.
       kl: the KL term's value (unweighted).
     """
 
     rows: PyTree
+    neutral: PyTree
     kl_grad: PyTree
     pos: Array
     neg: Array
@@ -207,12 +213,17 @@ class SampleGradients(NamedTuple):
 def sample_gradients(
     velocity_fn: MicroVelocityFn, params: PyTree, cond: PyTree, inputs: NFTInputs, config: NFTConfig
 ) -> SampleGradients:
-    """``J``: the gradients of every sample's ``P_b`` and ``N_b``, weight gradients left unreduced over the batch.
+    """``J``: the per-sample gradients of the NFT policy terms, weight gradients left unreduced over the batch.
 
     ``velocity_fn(params, cond) -> v [B, H, W, C]`` must treat samples independently (``v[b]`` depends on the leaves
     ``[b]`` of ``cond`` only, as the MMDiT does); every leaf of ``cond`` and ``inputs`` has the leading axis B. Each
-    sample runs as a batch of one under ``jax.vmap`` (XLA batches it back): one forward, and the vjp of two cotangent
-    rows per sample, three with the KL term (its rows are summed over the batch into ``kl_grad``).
+    sample runs as a batch of one under ``jax.vmap`` (XLA batches it back): one forward and the vjp of three cotangent
+    rows per sample (two without the KL term), of which two are summed over the batch.
+
+    The basis: ``r P + (1 - r) N = (P + N) / 2 + (2 r - 1) (P - N) / 2``. With NFT's small ``beta`` the gradients of
+    ``P`` and ``N`` nearly cancel (both policies sit close to ``v_old``), so per-sample rows ``grad P_b``, ``grad N_b``
+    would leave every reward's gradient as a float32 difference of large, almost opposite vectors. The half
+    difference is one row per sample and the reward-independent half sum one reduced row: no such cancellation.
     """
     batch = inputs.t.shape[0]
     use_kl = config.kl_beta > 0
@@ -221,34 +232,43 @@ def sample_gradients(
         c1, i1 = jax.tree.map(lambda x: x[None], (c_b, inp_b))
         v, vjp = jax.vjp(lambda p: velocity_fn(p, c1), params)
         pos, neg, d_pos, d_neg = _cotangent_basis(v, i1, config)
-        rows = [d_pos, d_neg]
+        cots = [(d_pos - d_neg) / 2, config.policy_scale / (2 * batch) * (d_pos + d_neg)]
         if use_kl:  # the batch's kl_beta * mean((v - v_ref)^2) has this sample's part / B
-            rows.append(_kl_cotangent(v, i1, config) / batch)
-        (g,) = jax.vmap(vjp)(jnp.stack(rows).astype(v.dtype))
+            cots.append(_kl_cotangent(v, i1, config) / batch)
+        (g,) = jax.vmap(vjp)(jnp.stack(cots).astype(v.dtype))
         kl_b = kl_loss(v, i1.v_ref) if use_kl else jnp.zeros((), jnp.float32)
         return g, pos[0], neg[0], kl_b
 
     g, pos, neg, kl_b = jax.vmap(one)(cond, inputs)
-    rows = jax.tree.map(lambda leaf: leaf[:, :2], g)
+    rows = jax.tree.map(lambda leaf: leaf[:, 0], g)
+    neutral = jax.tree.map(lambda leaf: jnp.sum(leaf[:, 1], axis=0), g)
     kl_grad = jax.tree.map(lambda leaf: jnp.sum(leaf[:, 2], axis=0), g) if use_kl else jax.tree.map(jnp.zeros_like, params)
-    return SampleGradients(rows, kl_grad, pos, neg, jnp.mean(kl_b))
+    return SampleGradients(rows, neutral, kl_grad, pos, neg, jnp.mean(kl_b))
 
 
 def reward_matrix(r: Array, config: NFTConfig) -> Array:
-    """``R [K, B, 2]``: reward k's policy gradient is ``sum_b R[k, b, 0] grad P_b + R[k, b, 1] grad N_b``; ``r [K, B]``."""
-    r = r.astype(jnp.float32)
-    return (config.policy_scale / r.shape[1]) * jnp.stack([r, 1 - r], axis=-1)
+    """``R [K, B]``: ``R[k, b] = (s / B) (2 r_kb - 1)``, the coefficients of the per-sample rows in reward k's
+    gradient (:class:`SampleGradients`); ``r [K, B]``."""
+    return (config.policy_scale / r.shape[1]) * (2 * r.astype(jnp.float32) - 1)
+
+
+def sample_rows(sg: SampleGradients, r: Array, config: NFTConfig) -> tuple[PyTree, Array]:
+    """``(J, R)`` for :func:`marble_jax.mgda.mgda_weights` with ``reward_matrix``: ``J`` the rows ``[neutral, rows_0,
+    ..., rows_{B-1}]`` (leading axis B + 1) and ``R [K, B + 1]`` (first column 1), so that ``g = R J``."""
+    rows = jax.tree.map(lambda n, leaf: jnp.concatenate([n[None], leaf]), sg.neutral, sg.rows)
+    rm = reward_matrix(r, config)
+    return rows, jnp.concatenate([jnp.ones((rm.shape[0], 1), rm.dtype), rm], axis=1)
 
 
 def gradients_from_samples(sg: SampleGradients, r: Array, config: NFTConfig) -> RewardGradients:
-    """The K per-reward gradients ``R J`` (and losses) of per-sample gradients, ``r [K, B]``: no network call."""
+    """The K per-reward gradients ``neutral + R J`` (and losses) of per-sample gradients, ``r [K, B]``: no network call."""
     rm = reward_matrix(r, config)
 
-    def contract(leaf):
-        return jnp.einsum("kbj,bj...->k...", rm, leaf, preferred_element_type=jnp.float32).astype(leaf.dtype)
+    def contract(n, leaf):
+        return (n[None] + jnp.einsum("kb,b...->k...", rm, leaf, preferred_element_type=jnp.float32)).astype(leaf.dtype)
 
     losses = jax.vmap(lambda rk: policy_loss(sg.pos, sg.neg, rk, config))(r)
-    return RewardGradients(jax.tree.map(contract, sg.rows), sg.kl_grad, losses, sg.kl)
+    return RewardGradients(jax.tree.map(contract, sg.neutral, sg.rows), sg.kl_grad, losses, sg.kl)
 
 
 def weighted_gradient(

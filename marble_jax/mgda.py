@@ -345,6 +345,11 @@ def mgda_weights(
     * ``combined=True`` (amortised use): ``updates`` is already one combined gradient (e.g.
       ``C grad L(sum_k c_k r_k / C)`` with ``c = state.coefficients``); it passes through and
       the state is unchanged.
+    * ``reward_matrix=R [K, N]`` (per-sample use): ``updates`` are N rows ``J`` (leading axis N, e.g.
+      per-sample gradients of a loss that is a per-sample sum) with objective k's gradient
+      ``g_k = sum_n R[k, n] J_n``. The Gram matrix is ``R (J J^T) R^T`` and the output
+      ``(c^T R) J``: the same as passing the stacked ``R J``, without forming it
+      (:func:`marble_jax.balance.sample_rows` builds ``J`` and ``R`` of the NFT loss).
 
     The state is an :class:`MGDAState`; inside a chain read it with
     ``optax.tree_utils.tree_get(opt_state, "coefficients")``.
@@ -367,17 +372,25 @@ def mgda_weights(
         del params
         return init_state(k)
 
-    def update_fn(updates, state, params=None, *, combined: bool = False, **extra_args):
+    def update_fn(updates, state, params=None, *, combined: bool = False, reward_matrix: Array | None = None, **extra_args):
         del params, extra_args
         if combined:
             return updates, state
         leaves = jax.tree.leaves(updates)
-        if any(leaf.ndim == 0 or leaf.shape[0] != k for leaf in leaves):
+        rows = k if reward_matrix is None else reward_matrix.shape[-1]
+        if reward_matrix is not None and (reward_matrix.ndim != 2 or reward_matrix.shape[0] != k):
+            raise ValueError(f"mgda_weights({k}): reward_matrix must be [{k}, N], got shape {reward_matrix.shape}")
+        if any(leaf.ndim == 0 or leaf.shape[0] != rows for leaf in leaves):
             shapes = sorted({tuple(leaf.shape) for leaf in leaves})
-            raise ValueError(f"mgda_weights({k}): every update leaf needs a leading axis of size {k}; got shapes {shapes}")
+            what = f"{k} (one gradient per objective)" if reward_matrix is None else f"N = {rows} (reward_matrix's columns)"
+            raise ValueError(f"mgda_weights({k}): every update leaf needs a leading axis of size {what}; got shapes {shapes}")
         gram = gram_matrix(updates)
+        if reward_matrix is not None:
+            rm = reward_matrix.astype(jnp.float32)
+            gram = rm @ gram @ rm.T
         out = harmonize(gram, state, ema_decay=ema_decay, normalize=normalize, rescale=rescale, max_iters=max_iters, tol=tol)
-        combined_update = jax.tree.map(lambda leaf: jnp.where(out.finite, leaf, 0), combine(updates, out.coefficients))
+        row_coefficients = out.coefficients if reward_matrix is None else out.coefficients @ reward_matrix.astype(jnp.float32)
+        combined_update = jax.tree.map(lambda leaf: jnp.where(out.finite, leaf, 0), combine(updates, row_coefficients))
         return combined_update, out.state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

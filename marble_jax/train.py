@@ -15,8 +15,9 @@ One epoch is one optimizer step (REFERENCE §2, the multi-reward config), as dat
 Keys are derived by name from the run's root key and the step (``fold_in``), and the prompts from
 ``(seed, step)``, so a resumed run draws exactly the numbers of an uninterrupted one. Methods:
 ``single`` (one reward), ``weighted_sum`` (the public baseline: one reward = weighted sum of raw scores),
-``sequential`` (one reward at a time, cycling through ``config.sequential_stages``), ``marble`` and
-``marble_amortized`` (:mod:`marble_jax.balance`).
+``sequential`` (one reward at a time, cycling through ``config.sequential_stages``), ``marble``,
+``marble_amortized`` and ``marble_gram`` (the exact solve at every step from per-sample gradients)
+(:mod:`marble_jax.balance`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from marble_jax.scoring import Evaluator
 
 Array = jax.Array
 PyTree = Any
-METHODS = ("single", "weighted_sum", "sequential", "marble", "marble_amortized")
+METHODS = ("single", "weighted_sum", "sequential", "marble", "marble_amortized", "marble_gram")
 RESUMABLE_CHANGES = ("total_epochs", "eval", "checkpoint", "log_every", "diagnostics_every")
 """Config entries a resumed run may change; any other difference from the checkpointed config is an error."""
 _PURPOSE = {"rollout": 0, "train": 1, "eval": 2, "init": 3}
@@ -186,7 +187,7 @@ def optimality_weights(
     groups = jnp.repeat(jnp.arange(num_groups), group_size)
     kw = dict(global_std=config.advantage.global_std, adv_clip_max=config.nft.adv_clip_max, eps=config.advantage.eps)
     r_all = advantages.reward_weights(rewards, groups, num_groups, **kw)
-    if config.method in ("marble", "marble_amortized"):
+    if config.method in balance.SOLVING_MODES:
         return r_all, r_all
     if config.method == "weighted_sum":
         combined = advantages.weighted_sum_rewards(rewards, weights)
@@ -205,9 +206,7 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.G
     solve, diagnose) -> (state, metrics)``, ``solve`` and ``diagnose`` static: one optimizer step of the epoch's
     rollouts (see the module doc)."""
     nft = NFTConfig(**config.nft)
-    mode = {"marble": "marble", "marble_amortized": "marble_amortized", "weighted_sum": "weighted_sum"}.get(
-        config.method, "single"
-    )
+    mode = config.method if config.method in (*balance.SOLVING_MODES, "weighted_sum") else "single"
     bal = balance.BalanceConfig(mode=mode, **config.balance)
     s = config.sample
     num_groups, timesteps, train_batch = s.prompts_per_epoch, trained_timesteps(config), s.train_batch
@@ -244,7 +243,7 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.G
             velocity, state.params, cond, inputs, r_m, state.mgda, nft, bal, solve=solve, mask=live
         )
         metrics = dict(direction.metrics)
-        if diagnose and mode not in ("marble", "marble_amortized"):
+        if diagnose and mode not in balance.SOLVING_MODES:
             r_all_m = jnp.moveaxis(jax.vmap(lambda row: _micro(row, timesteps, train_batch))(r_all), 0, 1)
             r_app_m = _micro(r_applied, timesteps, train_batch)
             metrics.update(balance.accumulated_diagnostics(velocity, state.params, cond, inputs, r_all_m, r_app_m, nft, live))
@@ -481,7 +480,7 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path) ->
                 {f"train/{n}": float(np.nanmean(rewards[i])) for i, n in enumerate(names) if np.isfinite(rewards[i]).any()}
             )
             scalars["time/step_s"] = times[-1]
-            scalars["diagnostics"] = float(diagnose and config.method not in ("marble", "marble_amortized"))
+            scalars["diagnostics"] = float(diagnose and config.method not in balance.SOLVING_MODES)
             writer.write_scalars(step + 1, scalars)
             if jax.process_index() == 0:
                 with open(workdir / "metrics.jsonl", "a") as f:  # the same scalars, for scripts

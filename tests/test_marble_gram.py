@@ -34,6 +34,15 @@ NFT = NFTConfig(beta=0.1, adv_clip_max=5.0, kl_beta=1e-2)
 TOL = 1e-4
 
 
+def assert_combined_close(ours, ref) -> None:
+    """A combined update ``sum_k c_k g_k``: within TOL of the whole update's scale, and leaf by leaf within 10 TOL (the
+    K terms partly cancel in the sum, so the smallest leaves lose a few more digits)."""
+    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
+    assert rel_err(flat(ours), flat(ref)) < TOL
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        assert rel_err(np.asarray(a), np.asarray(b)) < 10 * TOL
+
+
 def _problem(finetune: str):
     """``(velocity_fn(params, cond), params, cond [M, B, ...], inputs [M, B, ...])``."""
     apply_fn, base = mmdit.from_config(TINY, key=jax.random.key(0))
@@ -90,11 +99,7 @@ def test_gram_mode_equals_vmapped_vjp_mode(problem, k):
         a, b = np.asarray(gram.metrics[name])[live], np.asarray(ref.metrics[name])[live]
         assert rel_err(a, b) < TOL, (name, a, b)
     assert rel_err(float(gram.metrics["kl"]), float(ref.metrics["kl"])) < TOL
-    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
-    assert rel_err(flat(gram.update), flat(ref.update)) < TOL
-    # leaf by leaf: K coefficients times gradients that partly cancel in the sum; small leaves lose a few more digits
-    for a, b in zip(jax.tree.leaves(gram.update), jax.tree.leaves(ref.update), strict=True):
-        assert rel_err(np.asarray(a), np.asarray(b)) < 10 * TOL
+    assert_combined_close(gram.update, ref.update)
     assert bool(gram.finite)
 
 
@@ -104,10 +109,11 @@ def test_per_reward_gradients_are_R_times_per_sample_rows(problem):
     c0, i0 = jax.tree.map(lambda x: x[0], (cond, inputs))
     r = jax.random.uniform(jax.random.key(3), (5, B))
     sg = balance.sample_gradients(velocity, params, c0, i0, NFT)
-    assert all(leaf.shape[:2] == (B, 2) for leaf in jax.tree.leaves(sg.rows))
+    assert all(leaf.shape[0] == B for leaf in jax.tree.leaves(sg.rows))
     rg = balance.reward_gradients(lambda p: velocity(p, c0), params, i0, r, NFT)
-    rm = balance.reward_matrix(r, NFT).reshape(5, 2 * B)
-    jjt = mgda.gram_matrix(jax.tree.map(lambda x: x.reshape((2 * B,) + x.shape[2:]), sg.rows))
+    rows, rm = balance.sample_rows(sg, r, NFT)
+    assert rm.shape == (5, B + 1)
+    jjt = mgda.gram_matrix(rows)
     assert rel_err(np.asarray(rm @ jjt @ rm.T), np.asarray(mgda.gram_matrix(rg.grads))) < TOL
     for a, b in zip(jax.tree.leaves(balance.gradients_from_samples(sg, r, NFT).grads), jax.tree.leaves(rg.grads), strict=True):
         assert rel_err(np.asarray(a), np.asarray(b)) < TOL
@@ -123,3 +129,22 @@ def test_update_direction_refuses_gram_mode(problem):
             lambda p: velocity(p, c0), params, i0, jnp.full((2, B), 0.7), mgda.init_state(2), NFT,
             balance.BalanceConfig(mode="marble_gram"),
         )  # fmt: skip
+
+
+def test_mgda_weights_takes_per_sample_rows_and_reward_matrix(problem):
+    """The optax transform on ``(J, R)`` gives what it gives on the stacked ``R J``, state included."""
+    velocity, params, cond, inputs = problem
+    c0, i0 = jax.tree.map(lambda x: x[0], (cond, inputs))
+    r = jax.random.uniform(jax.random.key(4), (5, B))
+    sg = balance.sample_gradients(velocity, params, c0, i0, NFT)
+    rows, rm = balance.sample_rows(sg, r, NFT)
+    tx = mgda.mgda_weights(5)
+    state = tx.init(params)
+    ours, ours_state = tx.update(rows, state, reward_matrix=rm)
+    ref, ref_state = tx.update(balance.gradients_from_samples(sg, r, NFT).grads, state)
+    assert_combined_close(ours, ref)
+    assert rel_err(np.asarray(ours_state.coefficients), np.asarray(ref_state.coefficients)) < TOL
+    with pytest.raises(ValueError, match="reward_matrix must be"):
+        tx.update(rows, state, reward_matrix=rm[:3])
+    with pytest.raises(ValueError, match="N = 7"):
+        tx.update(rows, state, reward_matrix=jnp.ones((5, 7)))

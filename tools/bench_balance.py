@@ -1,4 +1,5 @@
-"""Training-step cost of the update modes, side by side: weighted sum, MARBLE, amortised MARBLE.
+"""Training-step cost of the update modes, side by side: weighted sum, MARBLE, amortised MARBLE, MARBLE from
+per-sample gradients (``marble_gram``).
 
     python tools/bench_balance.py [--ks 5,16] [--solve-every 10] [--repeats 10]
     python tools/bench_balance.py --network world_train      # the trainer's real step on the embedded world
@@ -12,7 +13,8 @@ throughput ratio to the weighted sum, the FLOP bound of that ratio from XLA's
 R backward rows, a backward ~ 2 forwards), and the ratio of peak temporary + output memory
 from ``memory_analysis()``. ``marble_amortized`` is one solve step and N - 1 cached steps; the
 ``row_chunk=1`` rows run the K + 1 backward rows one at a time (``BalanceConfig.row_chunk``),
-trading batching for memory.
+trading batching for memory. ``marble_gram`` solves exactly at every step from per-sample gradients: one forward
+and 2 backward rows per sample (3 with the KL term) for any K, analytic bound ``3 / (1 + 2 x rows)``.
 
 ``--network world_train`` times the trainer's own jitted update (``train.make_train_step``: advantages, the
 micro-batched NFT loss over the sampler timesteps, the balance, AdamW, old / EMA updates) on the embedded world
@@ -54,12 +56,13 @@ MMDIT = dict(
 
 
 def build(network: str, k: int):
-    """``(net(trainable, x_t, timestep) -> v, trainable params, base parameter count, inputs, r)``."""
+    """``(net(trainable, x_t, timestep, c) -> v, trainable params, base parameter count, inputs, r, c)``; ``c`` the
+    per-sample conditioning (leading axis B)."""
     ks = jax.random.split(jax.random.key(1), 6)
     if network == "mlp":  # full fine-tuning of a velocity MLP
         apply_fn, params = make_velocity_mlp(jax.random.key(0), MLP["shape"], MLP["cond"], MLP["width"], MLP["depth"])
-        cond = jax.random.normal(ks[3], (BATCH, MLP["cond"]))
-        net = lambda p, x, ts: apply_fn(p, x, ts, cond)
+        c = jax.random.normal(ks[3], (BATCH, MLP["cond"]))
+        net = apply_fn
         trainable, n_base, shape = params, sum(x.size for x in jax.tree.leaves(params)), MLP["shape"]
     else:  # LoRA (r = 32 on the joint attention) over a frozen MMDiT-X, as the paper trains
         _, base = mmdit.from_config(MMDIT, key=jax.random.key(0))
@@ -68,25 +71,27 @@ def build(network: str, k: int):
         lora_apply = lora.with_lora(mmdit.build(MMDIT), spec)
         context = jax.random.normal(ks[3], (BATCH, 32, MMDIT["joint_attention_dim"]))
         pooled = jax.random.normal(ks[5], (BATCH, MMDIT["pooled_projection_dim"]))
-        net = lambda p, x, ts: lora_apply(base, p, x, ts, context, pooled)
+        c = (context, pooled)
+        net = lambda p, x, ts, cc: lora_apply(base, p, x, ts, *cc)
         n_base, s = sum(x.size for x in jax.tree.leaves(base)), MMDIT["sample_size"]
         shape = (s, s, MMDIT["in_channels"])
     x0 = jax.random.normal(ks[0], (BATCH, *shape))
     t = jax.random.uniform(ks[1], (BATCH,), minval=0.05, maxval=0.95)
     x_t = noisy_latents(x0, jax.random.normal(ks[2], x0.shape), t)
-    v = net(trainable, x_t, 1000 * t)
+    v = net(trainable, x_t, 1000 * t, c)
     inputs = NFTInputs(x0, x_t, t, v + 0.01, v - 0.01)
     r = jax.random.uniform(ks[4], (k, BATCH))
-    return net, trainable, n_base, inputs, r
+    return net, trainable, n_base, inputs, r, c
 
 
 def make_step(net, mode: str, solve: bool, nft: NFTConfig, tx, row_chunk: int | None = None):
     cfg = balance.BalanceConfig(mode=mode, row_chunk=row_chunk)
 
-    def step(params, opt_state, mstate, inputs, r):
-        velocity_fn = lambda p: net(p, inputs.x_t, 1000 * inputs.t)
+    def step(params, opt_state, mstate, inputs, r, c):
+        velocity_fn = lambda p, cond: net(p, cond[0], 1000 * cond[1], cond[2])  # noqa: E731
         rr = jnp.mean(r, axis=0) if mode == "weighted_sum" else r
-        d = balance.update_direction(velocity_fn, params, inputs, rr, mstate, nft, cfg, solve=solve)
+        one = jax.tree.map(lambda x: x[None], ((inputs.x_t, inputs.t, c), inputs, rr))  # one micro-batch
+        d = balance.accumulated_direction(velocity_fn, params, *one, mstate, nft, cfg, solve=solve)
         params, opt_state = balance.optimizer_step(tx, params, opt_state, d)
         return params, opt_state, d.state
 
@@ -99,13 +104,13 @@ def measure(fn, args, repeats: int) -> tuple[float, float, float]:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     mem = compiled.memory_analysis()
-    params, opt_state, mstate, inputs, r = args
-    params, opt_state, mstate = compiled(params, opt_state, mstate, inputs, r)  # warm-up
+    params, opt_state, mstate, inputs, r, c = args
+    params, opt_state, mstate = compiled(params, opt_state, mstate, inputs, r, c)  # warm-up
     jax.block_until_ready(params)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        params, opt_state, mstate = compiled(params, opt_state, mstate, inputs, r)
+        params, opt_state, mstate = compiled(params, opt_state, mstate, inputs, r, c)
         jax.block_until_ready(params)
         best = min(best, time.perf_counter() - start)
     return best, float(cost.get("flops", 0.0)), float(mem.temp_size_in_bytes + mem.output_size_in_bytes)
@@ -141,6 +146,7 @@ def world_train(repeats: int) -> None:
         ("marble", "marble", True),
         ("amortized_solve", "marble_amortized", True),
         ("amortized_cached", "marble_amortized", False),
+        ("marble_gram", "marble_gram", True),
     ):
         config.method = method
         step = jax.jit(train.make_train_step(setup, config, tx), static_argnums=(8, 9))
@@ -161,7 +167,7 @@ def world_train(repeats: int) -> None:
     print(f"embedded world, K = {k}, batch {len(prompts)}, {t_train} timesteps, N = {n}")
     print(f"rollout + rewards of the epoch: {epoch_t:.2f} s (the same for every method)")
     print(f"{'mode':<20}{'update s':>10}{'update speed':>14}{'iteration speed':>17}")
-    for name in ("weighted_sum", "marble", "marble_amortized"):
+    for name in ("weighted_sum", "marble", "marble_amortized", "marble_gram"):
         t = times[name]
         print(f"{name:<20}{t:>10.2f}{ws / t:>13.2f}x{(epoch_t + ws) / (epoch_t + t):>16.2f}x")
 
@@ -180,7 +186,7 @@ def main():
     n = args.solve_every
     print(f"devices: {jax.devices()}  network: {args.network}, batch {BATCH}, kl_beta {nft.kl_beta}")
     for k in (int(x) for x in args.ks.split(",")):
-        net, params, n_base, inputs, r = build(args.network, k)
+        net, params, n_base, inputs, r, c = build(args.network, k)
         n_train = sum(x.size for x in jax.tree.leaves(params))
         tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, weight_decay=1e-4))
         results = {}
@@ -189,16 +195,19 @@ def main():
             ("marble", "marble", True, None),
             ("marble_chunk1", "marble", True, 1),
             ("amortized_cached", "marble_amortized", False, None),
+            ("marble_gram", "marble_gram", True, None),
         ):
             fn = make_step(net, mode, solve, nft, tx, chunk)
             p = jax.tree.map(jnp.copy, params)
-            results[name] = measure(fn, (p, tx.init(p), mgda.init_state(k), inputs, r), args.repeats)
+            results[name] = measure(fn, (p, tx.init(p), mgda.init_state(k), inputs, r, c), args.repeats)
         ws_t, ws_f, ws_m = results["weighted_sum"]
         mb_t, mb_f, mb_m = results["marble"]
         # XLA's cost_analysis counts a while loop's body once: the chunked solve has marble's FLOPs.
         c1_t, _, c1_m = results["marble_chunk1"]
         c1_f = mb_f
         ca_t, ca_f, ca_m = results["amortized_cached"]
+        gr_t, gr_f, gr_m = results["marble_gram"]
+        gram_rows = 3 if nft.kl_beta > 0 else 2  # per-sample rows: grad P_b, grad N_b (and the KL's)
         am_t, am_f = (mb_t + (n - 1) * ca_t) / n, (mb_f + (n - 1) * ca_f) / n
         a1_t, a1_f = (c1_t + (n - 1) * ca_t) / n, (c1_f + (n - 1) * ca_f) / n
         rows_full = k + (1 if nft.kl_beta > 0 else 0)
@@ -210,6 +219,7 @@ def main():
             ("marble_amortized", am_t, am_f, max(mb_m, ca_m), 3 * n / (3 * (n - 1) + 1 + 2 * rows_full)),
             ("marble row_chunk=1", c1_t, c1_f, c1_m, 3 / (1 + 2 * rows_full)),
             ("amortized chunk=1", a1_t, a1_f, max(c1_m, ca_m), 3 * n / (3 * (n - 1) + 1 + 2 * rows_full)),
+            ("marble_gram", gr_t, gr_f, gr_m, 3 / (1 + 2 * gram_rows)),
         ):
             speed, bound = ws_t / t, ws_f / f
             print(

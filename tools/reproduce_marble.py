@@ -39,6 +39,8 @@ METHODS = (
     "marble",
     "marble_amortized",
     *(f"marble_rho_{rho}" for rho in RHOS),
+    "marble_gram",
+    "marble_gram_no_ema",
 )
 PAPER = {"anti_aligned": {"weighted_sum": 0.80, "marble": 0.0}, "throughput": {"weighted_sum": 1.00, "marble": 0.56,
                                                                                  "marble_amortized": 0.97}}  # fmt: skip
@@ -59,9 +61,11 @@ def method_config(method: str, epochs: int, seed: int):
         c.sequential_stages = tuple((r, stage) for r in REWARDS)
     elif method.startswith("marble_rho_"):
         c.method, c.balance.ema_decay = "marble_amortized", float(method.removeprefix("marble_rho_"))
+    elif method == "marble_gram_no_ema":
+        c.method, c.balance.ema_decay = "marble_gram", 0.0
     elif method == "weighted_sum":
         c.method, c.diagnostics_every = method, 2
-    elif method in ("marble", "marble_amortized"):
+    elif method in ("marble", "marble_amortized", "marble_gram"):
         c.method = method
     else:
         raise ValueError(f"unknown method {method!r}; known: {METHODS}")
