@@ -332,7 +332,7 @@ def _direction_from_gradients(rg: RewardGradients, state: mgda.MGDAState, cfg: B
     return Direction(update, h.state, h.finite & tree_all_finite(update), metrics)
 
 
-def _micro_mean(fn: Callable[..., PyTree], micro: tuple) -> PyTree:
+def micro_mean(fn: Callable[..., PyTree], micro: tuple) -> PyTree:
     """Mean over the leading axis M of ``micro``'s leaves of ``fn(*micro_m)``, accumulated under ``jax.lax.scan``
     (one micro-batch's activations live at a time)."""
     m = jax.tree.leaves(micro)[0].shape[0]
@@ -376,13 +376,13 @@ def accumulated_direction(
         def rows(c, inp, rm):
             return gradients_from_samples(sample_gradients(velocity_fn, params, c, inp, nft, cfg.row_chunk), rm, nft)
 
-        return _direction_from_gradients(_micro_mean(rows, (cond, inputs, r)), state, cfg, mask)
+        return _direction_from_gradients(micro_mean(rows, (cond, inputs, r)), state, cfg, mask)
     if cfg.mode in ("marble", "marble_amortized") and (cfg.mode == "marble" or solve):
 
         def rows(c, inp, rm):
             return reward_gradients(lambda p: velocity_fn(p, c), params, inp, rm, nft, cfg.row_chunk)
 
-        return _direction_from_gradients(_micro_mean(rows, (cond, inputs, r)), state, cfg, mask)
+        return _direction_from_gradients(micro_mean(rows, (cond, inputs, r)), state, cfg, mask)
     scale: Array | float = 1.0
     if cfg.mode == "marble_amortized":
         c = state.coefficients
@@ -392,7 +392,7 @@ def accumulated_direction(
     def one(c, inp, rm):
         return weighted_gradient(lambda p: velocity_fn(p, c), params, inp, rm, nft, scale)
 
-    grad, metrics = _micro_mean(one, (cond, inputs, r))
+    grad, metrics = micro_mean(one, (cond, inputs, r))
     return Direction(grad, state, tree_all_finite(grad), metrics)
 
 
@@ -452,7 +452,7 @@ def accumulated_diagnostics(
     def rows(c, inp, rm, ra):
         return reward_gradients(lambda p: velocity_fn(p, c), params, inp, jnp.concatenate([rm, ra[None]]), no_kl).grads
 
-    grads = _micro_mean(rows, (cond, inputs, r, r_applied))
+    grads = micro_mean(rows, (cond, inputs, r, r_applied))
     gram = mgda.gram_matrix(grads)
     k = r.shape[1]
     sel = jnp.zeros((k + 1,), jnp.float32).at[k].set(1)

@@ -32,7 +32,7 @@ def get_config(scale: str = "world") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_epochs = 300  # optimizer steps (one per epoch)
-    c.method = "marble_amortized"  # single | weighted_sum | sequential | marble | marble_amortized | marble_gram
+    c.method = "marble_amortized"  # single | weighted_sum | sequential | marble | marble_amortized | marble_gram | dpo
     c.rewards = ()  # training rewards, in order (the K axis)
     c.reward_options = ml_collections.ConfigDict()  # {reward: {option: value}} for training
     c.eval_reward_options = ml_collections.ConfigDict()  # {reward: {option: value}} for held-out evaluation
@@ -40,6 +40,9 @@ def get_config(scale: str = "world") -> ml_collections.ConfigDict:
     c.single_reward = ""  # method "single"
     c.reward_weights = ml_collections.ConfigDict()  # method "weighted_sum": {reward: weight}, default 1
     c.sequential_stages = ()  # method "sequential": ((reward, epochs), ...), cycled
+    # method "dpo": step-level DPO (MSDDA Lemma 1; step_level=False: Diffusion-DPO) on one (best, worst) pair per
+    # prompt of config.single_reward's scores on the rollouts; beta = the constant lambda_T omega (marble_jax/dpo.py)
+    c.dpo = ml_collections.ConfigDict(dict(beta=1000.0, step_level=True))
 
     # DiffusionNFT (REFERENCE §2): beta 0.1 in the multi-reward config.
     c.nft = ml_collections.ConfigDict(dict(beta=0.1, adv_clip_max=5.0, kl_beta=1e-4, adaptive_weighting=True))

@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from marble_jax import advantages, balance, mgda, sampling, sharding
+from marble_jax import advantages, balance, dpo, mgda, sampling, sharding
 from marble_jax.checkpoint import Checkpointer
 from marble_jax.experiment import Setup
 from marble_jax.nft_loss import NFTConfig, NFTInputs
@@ -47,7 +47,7 @@ from marble_jax.scoring import Evaluator
 
 Array = jax.Array
 PyTree = Any
-METHODS = ("single", "weighted_sum", "sequential", "marble", "marble_amortized", "marble_gram")
+METHODS = ("single", "weighted_sum", "sequential", "marble", "marble_amortized", "marble_gram", "dpo")
 RESUMABLE_CHANGES = ("total_epochs", "eval", "checkpoint", "log_every", "diagnostics_every")
 """Config entries a resumed run may change; any other difference from the checkpointed config is an error."""
 _PURPOSE = {"rollout": 0, "train": 1, "eval": 2, "init": 3}
@@ -93,7 +93,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     names = list(config.rewards)
     if not names:
         raise ValueError("config.rewards is empty")
-    if config.method == "single" and config.single_reward not in names:
+    if config.method in ("single", "dpo") and config.single_reward not in names:
         raise ValueError(f"config.single_reward {config.single_reward!r} is not one of config.rewards {names}")
     if config.method == "weighted_sum":
         unknown = set(config.reward_weights) - set(names)
@@ -118,10 +118,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             raise ValueError(f"config.{key} = {value} must be a multiple of the {num_devices} devices (batch-sharded)")
     if config.eval.batch % num_devices:
         raise ValueError(f"config.eval.batch = {config.eval.batch} must be a multiple of the {num_devices} devices")
+    if config.method == "dpo" and s.prompts_per_epoch % dpo_pairs_per_micro_batch(config):
+        raise ValueError(
+            f"method 'dpo' trains one (winner, loser) pair per prompt, min(train_batch / 2, prompts_per_epoch) pairs per "
+            f"micro-batch: config.sample.train_batch = {s.train_batch} gives {dpo_pairs_per_micro_batch(config)}, which "
+            f"must divide prompts_per_epoch = {s.prompts_per_epoch}"
+        )
     if trained_timesteps(config) < 1:
         raise ValueError(
             f"config.sample.timestep_fraction x num_steps trains no timestep ({s.timestep_fraction} x {s.num_steps})"
         )
+
+
+def dpo_pairs_per_micro_batch(config: ml_collections.ConfigDict) -> int:
+    """Preference pairs (two samples each) per micro-batch of method ``dpo``."""
+    return max(1, min(config.sample.train_batch // 2, config.sample.prompts_per_epoch))
 
 
 def trained_timesteps(config: ml_collections.ConfigDict) -> int:
@@ -158,7 +169,7 @@ def stage_reward(config: ml_collections.ConfigDict, step: int) -> int:
     """Index (in ``config.rewards``) of the reward trained at ``step``: the single reward, or the sequential stage
     (stages cycle); 0 for the other methods (unused)."""
     names = list(config.rewards)
-    if config.method == "single":
+    if config.method in ("single", "dpo"):
         return names.index(config.single_reward)
     if config.method != "sequential":
         return 0
@@ -206,11 +217,42 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.G
     solve, diagnose) -> (state, metrics)``, ``solve`` and ``diagnose`` static: one optimizer step of the epoch's
     rollouts (see the module doc)."""
     nft = NFTConfig(**config.nft)
+    dpo_cfg = dpo.DPOConfig(**config.dpo)
     mode = config.method if config.method in (*balance.SOLVING_MODES, "weighted_sum") else "single"
     bal = balance.BalanceConfig(mode=mode, **config.balance)
     s = config.sample
     num_groups, timesteps, train_batch = s.prompts_per_epoch, trained_timesteps(config), s.train_batch
     sigmas = sampling.sigma_schedule(s.num_steps, shift=setup.shift)
+
+    def dpo_direction(state: TrainState, velocity, x0, context, pooled, rewards, active, k_perm, k_eps) -> balance.Direction:
+        """Step-level DPO (or Diffusion-DPO) on one (best, worst) pair per prompt of ``rewards[active]``."""
+        winner, loser = dpo.best_worst_pairs(rewards[active], num_groups)  # [G] each
+        pairs = winner.shape[0]
+        perms = jax.vmap(lambda k: jax.random.permutation(k, s.num_steps))(jax.random.split(k_perm, pairs))[:, :timesteps]
+        per = dpo_pairs_per_micro_batch(config)
+        t = sigmas[perms].T.reshape(-1, per)  # [M, per]
+        micro = lambda x: _micro(x, timesteps, per)  # noqa: E731
+        x0_w, x0_l = micro(x0[winner]), micro(x0[loser])
+        eps = jax.random.normal(k_eps, x0_w.shape, x0_w.dtype)  # shared by the winner and the loser
+        ctx, pld = micro(context[winner]), micro(pooled[winner])  # the pair's prompt
+        tb = t[:, :, None, None, None]
+        x_t = jnp.concatenate([(1 - tb) * x0_w + tb * eps, (1 - tb) * x0_l + tb * eps], axis=1)  # [M, 2 per, ...]
+        both = lambda a: jnp.concatenate([a, a], axis=1)  # noqa: E731
+        cond = (x_t, both(t), both(ctx), both(pld))
+        v_ref = jax.lax.map(lambda c: velocity(None, c), cond)
+
+        def loss(params, c, v_r, x0w, x0l, e, tt):
+            v_w, v_l = jnp.split(velocity(params, c), 2)
+            r_w, r_l = jnp.split(v_r, 2)
+            return dpo.dpo_loss(v_w, v_l, dpo.DPOInputs(x0w, x0l, e, tt, r_w, r_l), dpo_cfg)
+
+        def one(c, v_r, x0w, x0l, e, tt):
+            (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(state.params, c, v_r, x0w, x0l, e, tt)
+            return grad, {"dpo_loss": value, **metrics}
+
+        grad, metrics = balance.micro_mean(one, (cond, v_ref, x0_w, x0_l, eps, t))
+        metrics["valid_pairs"] = jnp.mean(winner != loser)
+        return balance.Direction(grad, state.mgda, balance.tree_all_finite(grad), metrics)
 
     def train_step(state: TrainState, base, x0, context, pooled, rewards, active, weights, solve: bool, diagnose: bool):
         def velocity(params, cond):
@@ -219,6 +261,9 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.G
 
         root = jax.random.wrap_key_data(state.key)
         k_perm, k_eps = jax.random.split(_key(root, state.step, "train"))
+        if config.method == "dpo":
+            direction = dpo_direction(state, velocity, x0, context, pooled, rewards, active, k_perm, k_eps)
+            return _apply(state, direction, dict(direction.metrics))
         r_all, r_applied = optimality_weights(rewards, active, weights, num_groups, config)
         batch = x0.shape[0]
         # Each sample trains on T timesteps of its own grid, shuffled per sample.
@@ -247,6 +292,11 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.G
             r_all_m = jnp.moveaxis(jax.vmap(lambda row: _micro(row, timesteps, train_batch))(r_all), 0, 1)
             r_app_m = _micro(r_applied, timesteps, train_batch)
             metrics.update(balance.accumulated_diagnostics(velocity, state.params, cond, inputs, r_all_m, r_app_m, nft, live))
+        metrics.update(mean_r=jnp.mean(r_applied), live_rewards=live.astype(jnp.float32))
+        return _apply(state, direction, metrics)
+
+    def _apply(state: TrainState, direction: balance.Direction, metrics: dict) -> tuple[TrainState, dict]:
+        """The optimizer step of ``direction`` (skipped when not finite), then the old-policy and EMA updates."""
         ok = direction.finite
         params, opt_state = balance.optimizer_step(tx, state.params, state.opt_state, direction)
         d = old_policy_decay(state.step, config.old_policy_schedule)
@@ -256,13 +306,7 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.G
         ema_params = keep(jax.tree.map(lambda m, p: e * m + (1 - e) * p, state.ema_params, params), state.ema_params)
         skipped_state = state.mgda._replace(nonfinite_count=state.mgda.nonfinite_count + 1)
         new_mgda = keep(direction.state, skipped_state)
-        metrics.update(
-            skipped=~ok,
-            update_norm=optax.tree.norm(direction.update),
-            old_decay=d,
-            mean_r=jnp.mean(r_applied),
-            live_rewards=live.astype(jnp.float32),
-        )
+        metrics.update(skipped=~ok, update_norm=optax.tree.norm(direction.update), old_decay=d)
         new_state = TrainState(state.step + 1, params, old_params, ema_params, opt_state, new_mgda, state.key)
         return new_state, metrics
 
@@ -522,7 +566,7 @@ def _progress(step: int, total: int, times: list[float], scalars: dict, names: S
     width = 20
     filled = int(width * step / total)
     rewards = " ".join(f"{n}={scalars[f'train/{n}']:.3f}" for n in names if f"train/{n}" in scalars)
-    loss = scalars.get("policy_loss", float("nan"))
+    loss = scalars.get("policy_loss", scalars.get("dpo_loss", float("nan")))
     log.info(
         "[%s%s] %d/%d  %.2fs/step  ETA %dm%02ds  loss %.4f  %s",
         "#" * filled,

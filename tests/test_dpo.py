@@ -1,0 +1,147 @@
+"""Step-level DPO / Diffusion-DPO against a PyTorch implementation written from the paper's epsilon-space formulas."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from helpers import rel_err
+
+from marble_jax import dpo
+from marble_jax.nft_loss import noisy_latents
+
+P, SHAPE = 4, (4, 4, 3)
+
+
+def torch_dpo_loss(v_w, v_l, x0_w, x0_l, eps, t, v_ref_w, v_ref_l, beta, step_level):
+    """Lemma 1 in epsilon space: eps_model = x_t + (1 - t) v, squared norms as per-sample means."""
+    tb = t.reshape(-1, 1, 1, 1)
+    x_w, x_l = (1 - tb) * x0_w + tb * eps, (1 - tb) * x0_l + tb * eps
+    eps_of = lambda x, v: x + (1 - tb) * v  # noqa: E731
+    sq = lambda a: (a**2).mean(dim=(1, 2, 3))  # noqa: E731
+    d_w = sq(eps - eps_of(x_w, v_w)) - sq(eps - eps_of(x_w, v_ref_w))
+    d_l = sq(eps - eps_of(x_l, v_l)) - sq(eps - eps_of(x_l, v_ref_l))
+    d_diff = sq(eps_of(x_w, v_w) - eps_of(x_w, v_ref_w)) - sq(eps_of(x_l, v_l) - eps_of(x_l, v_ref_l))
+    inside = d_w - d_l - (d_diff if step_level else 0)
+    return -torch.nn.functional.logsigmoid(-beta * inside).mean()
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    rng = np.random.default_rng(0)
+    a = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
+    x0_w, x0_l, eps = a(P, *SHAPE), a(P, *SHAPE), a(P, *SHAPE)
+    t = rng.uniform(0.1, 0.9, P).astype(np.float32)
+    v_ref_w, v_ref_l = eps - x0_w + 0.3 * a(P, *SHAPE), eps - x0_l + 0.3 * a(P, *SHAPE)
+    v_w, v_l = v_ref_w + 0.02 * a(P, *SHAPE), v_ref_l + 0.02 * a(P, *SHAPE)
+    return dict(x0_w=x0_w, x0_l=x0_l, eps=eps, t=t, v_ref_w=v_ref_w, v_ref_l=v_ref_l, v_w=v_w, v_l=v_l)
+
+
+def inputs_of(d) -> dpo.DPOInputs:
+    return dpo.DPOInputs(*(jnp.asarray(d[k]) for k in ("x0_w", "x0_l", "eps", "t", "v_ref_w", "v_ref_l")))
+
+
+@pytest.mark.parametrize("step_level", [True, False])
+def test_loss_and_gradient_match_torch(pairs, step_level):
+    cfg = dpo.DPOConfig(beta=200.0, step_level=step_level)
+    inp = inputs_of(pairs)
+    (loss, _), (g_w, g_l) = jax.value_and_grad(lambda a, b: dpo.dpo_loss(a, b, inp, cfg), argnums=(0, 1), has_aux=True)(
+        jnp.asarray(pairs["v_w"]), jnp.asarray(pairs["v_l"])
+    )
+    tt = {k: torch.tensor(v) for k, v in pairs.items()}
+    tt["v_w"].requires_grad_(True)
+    tt["v_l"].requires_grad_(True)
+    ref = torch_dpo_loss(tt["v_w"], tt["v_l"], tt["x0_w"], tt["x0_l"], tt["eps"], tt["t"], tt["v_ref_w"], tt["v_ref_l"],
+                         cfg.beta, step_level)  # fmt: skip
+    ref.backward()
+    # float32: torch goes through x_t (eps_model - eps differences of O(1) terms), ours through (1 - t)(v* - v)
+    assert rel_err(float(loss), ref.item()) < 1e-5
+    assert rel_err(np.asarray(g_w), tt["v_w"].grad.numpy()) < 1e-4
+    assert rel_err(np.asarray(g_l), tt["v_l"].grad.numpy()) < 1e-4
+
+
+def test_parameter_gradient_through_a_velocity_model_matches_torch(pairs):
+    """Gradient w.r.t. the weights of a tiny linear velocity model ``v = x_t W + b`` (per pixel, channels mixed)."""
+    rng = np.random.default_rng(3)
+    w0, b0 = rng.normal(size=(3, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    cfg = dpo.DPOConfig(beta=50.0)
+    inp = inputs_of(pairs)
+    t = jnp.asarray(pairs["t"])
+
+    def loss(params):
+        x_w = noisy_latents(inp.x0_w, inp.eps, t)
+        x_l = noisy_latents(inp.x0_l, inp.eps, t)
+        return dpo.dpo_loss(x_w @ params[0] + params[1], x_l @ params[0] + params[1], inp, cfg)[0]
+
+    g = jax.grad(loss)((jnp.asarray(w0), jnp.asarray(b0)))
+    tw, tb_ = torch.tensor(w0, requires_grad=True), torch.tensor(b0, requires_grad=True)
+    tt = {k: torch.tensor(v) for k, v in pairs.items()}
+    tb = tt["t"].reshape(-1, 1, 1, 1)
+    x_w, x_l = (1 - tb) * tt["x0_w"] + tb * tt["eps"], (1 - tb) * tt["x0_l"] + tb * tt["eps"]
+    ref = torch_dpo_loss(x_w @ tw + tb_, x_l @ tw + tb_, tt["x0_w"], tt["x0_l"], tt["eps"], tt["t"], tt["v_ref_w"],
+                         tt["v_ref_l"], cfg.beta, True)  # fmt: skip
+    ref.backward()
+    assert rel_err(np.asarray(g[0]), tw.grad.numpy()) < 1e-4
+    assert rel_err(np.asarray(g[1]), tb_.grad.numpy()) < 1e-4
+
+
+def test_epsilon_from_velocity():
+    rng = np.random.default_rng(1)
+    x0, eps = rng.normal(size=(2, *SHAPE)), rng.normal(size=(2, *SHAPE))
+    t = np.array([0.3, 0.8])
+    x_t = np.asarray(noisy_latents(jnp.asarray(x0), jnp.asarray(eps), jnp.asarray(t)))
+    np.testing.assert_allclose(x_t + (1 - t[:, None, None, None]) * (eps - x0), eps, atol=1e-6)
+
+
+def test_at_the_reference_the_loss_is_log2_and_both_losses_agree(pairs):
+    inp = inputs_of(pairs)
+    v_w, v_l = inp.v_ref_w, inp.v_ref_l
+    for step_level in (True, False):
+        loss, m = dpo.dpo_loss(v_w, v_l, inp, dpo.DPOConfig(step_level=step_level))
+        np.testing.assert_allclose(float(loss), math.log(2), rtol=1e-6)
+        assert float(m["d_diff"]) == 0.0
+    # away from the reference the step-level term changes the loss
+    a = dpo.dpo_loss(jnp.asarray(pairs["v_w"]), jnp.asarray(pairs["v_l"]), inp, dpo.DPOConfig(step_level=True))[0]
+    b = dpo.dpo_loss(jnp.asarray(pairs["v_w"]), jnp.asarray(pairs["v_l"]), inp, dpo.DPOConfig(step_level=False))[0]
+    assert abs(float(a) - float(b)) > 1e-4
+
+
+def test_moving_toward_the_winner_lowers_the_loss(pairs):
+    inp = inputs_of(pairs)
+    target_w = inp.eps - inp.x0_w
+    for step_level in (True, False):
+        cfg = dpo.DPOConfig(step_level=step_level)
+        at_ref = dpo.dpo_loss(inp.v_ref_w, inp.v_ref_l, inp, cfg)[0]
+        toward = dpo.dpo_loss(inp.v_ref_w + 0.01 * (target_w - inp.v_ref_w), inp.v_ref_l, inp, cfg)
+        assert float(toward[0]) < float(at_ref)
+        assert float(toward[1]["dpo_accuracy"]) == 1.0
+
+
+def test_best_worst_pairs():
+    nan = np.nan
+    scores = jnp.asarray([
+        0.1, 0.9, 0.5,      # group 0: winner 1, loser 0
+        nan, 0.2, 0.7,      # group 1: NaN never picked: winner 5, loser 4
+        nan, nan, 0.3,      # group 2: one scored sample -> no pair (winner == loser)
+        0.4, 0.4, 0.4,      # group 3: all tied -> no pair
+        nan, nan, nan,      # group 4: nothing scored -> no pair
+    ])  # fmt: skip
+    winner, loser = dpo.best_worst_pairs(scores, 5)
+    np.testing.assert_array_equal(np.asarray(winner)[:2], [1, 5])
+    np.testing.assert_array_equal(np.asarray(loser)[:2], [0, 4])
+    np.testing.assert_array_equal(np.asarray(winner)[2:], np.asarray(loser)[2:])
+    assert 6 <= int(winner[2]) < 9 and 9 <= int(winner[3]) < 12
+    # a no-pair row has zero gradient and loss log 2
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(1, *SHAPE)), jnp.float32)
+    inp = dpo.DPOInputs(x, x, x + 1, jnp.asarray([0.5]), x, x)
+    g = jax.grad(lambda v: dpo.dpo_loss(v, v, inp, dpo.DPOConfig())[0])(x + 0.3)
+    assert float(jnp.abs(g).max()) == 0.0
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        dpo.DPOConfig(beta=0.0)
