@@ -1,7 +1,7 @@
 """Images from one trained model or from several fused at denoising time (MSDDA) for any preference weights.
 
     python -m marble_jax.sample --models=runs/clip,runs/aesthetic --weights=0.3,0.7 --prompts="a red car" \\
-        [--etas=0.8,1.0] [--num_steps=20] [--images_per_prompt=4] [--seed=0] [--out=samples]
+        [--etas=0.8,1.0] [--num_steps=20] [--images_per_prompt=4] [--guidance=1.0] [--seed=0] [--out=samples]
 
 ``--models``: training workdirs of :mod:`marble_jax.train` (each with ``config.json`` and ``checkpoints/``), all
 fine-tuned from the same base model (the same ``model`` and LoRA settings), or ``base`` for the base model itself.
@@ -49,6 +49,7 @@ _IMAGES = flags.DEFINE_integer("images_per_prompt", 1, "images per prompt")
 _SEED = flags.DEFINE_integer("seed", 0, "noise seed (the same seed gives the same noise for any models / weights)")
 _PARAMS = flags.DEFINE_enum("params", "ema", ["ema", "params"], "which parameters of each run")
 _BATCH = flags.DEFINE_integer("batch", 16, "images per sampler call")
+_GUIDANCE = flags.DEFINE_float("guidance", 1.0, "classifier-free guidance scale of every model (1: none, as training)")
 _OUT = flags.DEFINE_string("out", "samples", "output directory")
 flags.mark_flags_as_required(["models", "prompts"])
 
@@ -97,10 +98,12 @@ def base_trainable(setup: Setup) -> PyTree:
     return jax.tree.map(jnp.zeros_like, fresh) if setup.lora_spec is not None else fresh
 
 
-def make_fused_sampler(setup: Setup, num_steps: int):
+def make_fused_sampler(setup: Setup, num_steps: int, guidance: float = 1.0):
     """Jitted ``sample(base, stacked, decode_params, context [B, L, D], pooled [B, Dp], w [M], etas [M], key) ->
-    uint8 [B, H, W, 3]``: :func:`marble_jax.msdda.fused_sample` of the M stacked trainable trees."""
+    uint8 [B, H, W, 3]``: :func:`marble_jax.msdda.fused_sample` of the M stacked trainable trees; ``guidance > 1``:
+    each model with classifier-free guidance against the empty prompt (:func:`marble_jax.sampling.guided_velocity`)."""
     sigmas = sampling.sigma_schedule(num_steps, shift=setup.shift)
+    empty = setup.encode([""]) if guidance != 1.0 else None
 
     @jax.jit
     def sample(base, stacked, decode_params, context, pooled, w, etas, key):
@@ -108,7 +111,11 @@ def make_fused_sampler(setup: Setup, num_steps: int):
         x_T = jax.random.normal(k_init, (context.shape[0], *setup.latent_shape))
 
         def velocity(params, x, t):
-            return setup.velocity_fn(base, params, x, t, context, pooled)
+            if empty is None:
+                return setup.velocity_fn(base, params, x, t, context, pooled)
+            uncond = tuple(jnp.broadcast_to(jnp.asarray(e), (context.shape[0], *e.shape[1:])) for e in empty)
+            model = lambda xx, tt, c: setup.velocity_fn(base, params, xx, tt, *c)  # noqa: E731
+            return sampling.guided_velocity(model, (context, pooled), uncond, guidance)(x, t)
 
         latents = msdda.fused_sample(velocity, stacked, x_T, sigmas, w, etas, k_sde).latents
         return setup.decode_fn(decode_params, latents)
@@ -144,7 +151,7 @@ def main(argv: list[str]) -> None:
     prompts = [q.text for q in load_prompts(p)] if p.is_file() else [_PROMPTS.value]
     texts = [t for t in prompts for _ in range(_IMAGES.value)]
     context, pooled = setup.encode(texts)
-    sample = make_fused_sampler(setup, _NUM_STEPS.value)
+    sample = make_fused_sampler(setup, _NUM_STEPS.value, _GUIDANCE.value)
     out = Path(_OUT.value)
     out.mkdir(parents=True, exist_ok=True)
     key = jax.random.key(_SEED.value)
@@ -160,8 +167,8 @@ def main(argv: list[str]) -> None:
     for j, img in enumerate(images):
         Image.fromarray(img).save(out / f"{j // _IMAGES.value:04d}_{j % _IMAGES.value:02d}.png")
     image_grid.save_grid(images, out / "grid.png", cols=int(np.ceil(np.sqrt(len(images)))))
-    settings = dict(models=models, weights=w.tolist(), etas=etas.tolist(), prompts=prompts, num_steps=_NUM_STEPS.value,
-                    images_per_prompt=_IMAGES.value, seed=_SEED.value, params=_PARAMS.value)  # fmt: skip
+    settings = dict(models=models, weights=w.tolist(), etas=etas.tolist(), prompts=prompts, guidance=_GUIDANCE.value)
+    settings.update(num_steps=_NUM_STEPS.value, images_per_prompt=_IMAGES.value, seed=_SEED.value, params=_PARAMS.value)
     (out / "sample.json").write_text(json.dumps(settings, indent=1) + "\n")
     print(f"wrote {len(images)} images to {out} in {time.perf_counter() - start:.1f} s (compilation included)")
 

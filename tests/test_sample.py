@@ -52,10 +52,10 @@ def test_fused_sampling_writes_images_and_vertices_pair_with_one_model(runs, tmp
     assert a.shape == (2, 32, 32, 3) and (tmp_path / "fused" / "grid.png").is_file()
     # w = e_1 is model a's own SDE sampling with the same noise: equal up to the uint8 rounding of float noise
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
-    mixed = sample(tmp_path / "mixed", f"--models=base,{runs['b']}", "--weights=0.5,0.5")
+    mixed = sample(tmp_path / "mixed", f"--models=base,{runs['b']}", "--weights=0.5,0.5", "--guidance=2.0")
     assert mixed.returncode == 0, mixed.stderr[-3000:]
     settings = json.loads((tmp_path / "mixed" / "sample.json").read_text())
-    assert settings["weights"] == [0.5, 0.5] and settings["models"][0] == "base"
+    assert settings["weights"] == [0.5, 0.5] and settings["models"][0] == "base" and settings["guidance"] == 2.0
 
 
 @pytest.mark.parametrize(
