@@ -196,7 +196,6 @@ def main():
             ("marble_chunk1", "marble", True, 1),
             ("amortized_cached", "marble_amortized", False, None),
             ("marble_gram", "marble_gram", True, None),
-            ("marble_gram_chunk1", "marble_gram", True, 1),
         ):
             fn = make_step(net, mode, solve, nft, tx, chunk)
             p = jax.tree.map(jnp.copy, params)
@@ -208,7 +207,6 @@ def main():
         c1_f = mb_f
         ca_t, ca_f, ca_m = results["amortized_cached"]
         gr_t, gr_f, gr_m = results["marble_gram"]
-        g1_t, _, g1_m = results["marble_gram_chunk1"]
         gram_rows = 3 if nft.kl_beta > 0 else 2  # per-sample rows: grad P_b, grad N_b (and the KL's)
         am_t, am_f = (mb_t + (n - 1) * ca_t) / n, (mb_f + (n - 1) * ca_f) / n
         a1_t, a1_f = (c1_t + (n - 1) * ca_t) / n, (c1_f + (n - 1) * ca_f) / n
@@ -222,7 +220,6 @@ def main():
             ("marble row_chunk=1", c1_t, c1_f, c1_m, 3 / (1 + 2 * rows_full)),
             ("amortized chunk=1", a1_t, a1_f, max(c1_m, ca_m), 3 * n / (3 * (n - 1) + 1 + 2 * rows_full)),
             ("marble_gram", gr_t, gr_f, gr_m, 3 / (1 + 2 * gram_rows)),
-            ("marble_gram chunk=1", g1_t, gr_f, g1_m, 3 / (1 + 2 * gram_rows)),
         ):
             speed, bound = ws_t / t, ws_f / f
             print(
