@@ -7,7 +7,9 @@ Lemma 1's loss for a preference pair (winner ``x0_w``, loser ``x0_l``) noised wi
     D_diff = ||eps_theta(x^w_t) - eps_ref(x^w_t)||^2 - ||eps_theta(x^l_t) - eps_ref(x^l_t)||^2,
 
 ``eps_ref`` the frozen pretrained (reference) model. Diffusion-DPO (Wallace et al.) is the same without ``D_diff``.
-The step-level term keeps the model closer to the reference on the loser than on the winner.
+The step-level term keeps the model closer to the reference on the loser than on the winner (the paper's Remark 1).
+The winner and the loser share ``t`` and ``eps``, as Diffusion-DPO's public code does: the lemma draws them
+independently, but sharing makes ``D_w - D_l`` a paired comparison in which the noise's own difficulty cancels.
 
 Epsilon from the velocity: with ``x_t = (1 - t) x0 + t eps`` and ``v = eps - x0``,
 ``x_t + (1 - t) v = (1 - t) x0 + t eps + (1 - t) eps - (1 - t) x0 = eps``, so ``eps_theta = x_t + (1 - t) v_theta``,
@@ -67,10 +69,21 @@ def _sq(x: Array) -> Array:
     return jnp.mean(jnp.square(x.astype(jnp.float32)), axis=tuple(range(1, x.ndim)))
 
 
+def _check_shapes(v_w: Array, v_l: Array, inputs: DPOInputs) -> None:
+    shape = inputs.x0_w.shape
+    if len(shape) != 4:
+        raise ValueError(f"DPOInputs.x0_w must be [P, H, W, C], got shape {shape}")
+    for name, x in (("v_w", v_w), ("v_l", v_l), *((f"DPOInputs.{k}", getattr(inputs, k)) for k in DPOInputs._fields)):
+        expected = shape[:1] if name == "DPOInputs.t" else shape
+        if x.shape != expected:
+            raise ValueError(f"{name} must have shape {expected} (x0_w is {shape}), got {x.shape}")
+
+
 def dpo_loss(v_w: Array, v_l: Array, inputs: DPOInputs, config: DPOConfig) -> tuple[Array, dict[str, Array]]:
     """``(loss, metrics)`` of the trained velocities ``v_w, v_l [P, H, W, C]`` at ``x^w_t``, ``x^l_t``: the mean over
     pairs of the module doc's loss. Metrics: ``dpo_accuracy`` (fraction of pairs whose implicit reward margin
     ``-(D_w - D_l - D_diff)`` is positive), ``d_w``, ``d_l``, ``d_diff`` (means)."""
+    _check_shapes(v_w, v_l, inputs)
     scale = jnp.square(1 - inputs.t.astype(jnp.float32))  # [P]: eps-space = (1 - t)^2 velocity-space
     target_w = inputs.eps - inputs.x0_w
     target_l = inputs.eps - inputs.x0_l
@@ -91,6 +104,8 @@ def best_worst_pairs(scores: Array, num_groups: int) -> tuple[Array, Array]:
     never picked. A group with fewer than two scored samples, or all of them tied, gives ``winner == loser``: a pair
     whose loss is the constant ``log 2`` with zero gradient (it counts in the mean over pairs, nothing else).
     """
+    if scores.ndim != 1 or num_groups < 1 or scores.shape[0] % num_groups:
+        raise ValueError(f"scores must be [B] with B a multiple of num_groups = {num_groups}, got shape {scores.shape}")
     groups = scores.reshape(num_groups, -1)
     finite = jnp.isfinite(groups)
     winner = jnp.argmax(jnp.where(finite, groups, -jnp.inf), axis=1)

@@ -26,8 +26,10 @@ def torch_dpo_loss(v_w, v_l, x0_w, x0_l, eps, t, v_ref_w, v_ref_l, beta, step_le
     d_w = sq(eps - eps_of(x_w, v_w)) - sq(eps - eps_of(x_w, v_ref_w))
     d_l = sq(eps - eps_of(x_l, v_l)) - sq(eps - eps_of(x_l, v_ref_l))
     d_diff = sq(eps_of(x_w, v_w) - eps_of(x_w, v_ref_w)) - sq(eps_of(x_l, v_l) - eps_of(x_l, v_ref_l))
-    inside = d_w - d_l - (d_diff if step_level else 0)
-    return -torch.nn.functional.logsigmoid(-beta * inside).mean()
+    d_diff = d_diff if step_level else torch.zeros_like(d_diff)
+    inside = d_w - d_l - d_diff
+    terms = {"d_w": d_w.mean(), "d_l": d_l.mean(), "d_diff": d_diff.mean(), "dpo_accuracy": (inside < 0).float().mean()}
+    return -torch.nn.functional.logsigmoid(-beta * inside).mean(), terms
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +51,21 @@ def inputs_of(d) -> dpo.DPOInputs:
 def test_loss_and_gradient_match_torch(pairs, step_level):
     cfg = dpo.DPOConfig(beta=200.0, step_level=step_level)
     inp = inputs_of(pairs)
-    (loss, _), (g_w, g_l) = jax.value_and_grad(lambda a, b: dpo.dpo_loss(a, b, inp, cfg), argnums=(0, 1), has_aux=True)(
+    (loss, metrics), (g_w, g_l) = jax.value_and_grad(lambda a, b: dpo.dpo_loss(a, b, inp, cfg), argnums=(0, 1), has_aux=True)(
         jnp.asarray(pairs["v_w"]), jnp.asarray(pairs["v_l"])
     )
     tt = {k: torch.tensor(v) for k, v in pairs.items()}
     tt["v_w"].requires_grad_(True)
     tt["v_l"].requires_grad_(True)
-    ref = torch_dpo_loss(tt["v_w"], tt["v_l"], tt["x0_w"], tt["x0_l"], tt["eps"], tt["t"], tt["v_ref_w"], tt["v_ref_l"],
-                         cfg.beta, step_level)  # fmt: skip
+    ref, terms = torch_dpo_loss(tt["v_w"], tt["v_l"], tt["x0_w"], tt["x0_l"], tt["eps"], tt["t"], tt["v_ref_w"],
+                                tt["v_ref_l"], cfg.beta, step_level)  # fmt: skip
     ref.backward()
-    # float32: torch goes through x_t (eps_model - eps differences of O(1) terms), ours through (1 - t)(v* - v)
+    # float32: torch goes through x_t (eps_model - eps differences of O(1) terms, ~1e-7 each), ours through
+    # (1 - t)(v* - v); the D_* are differences of two O(1) norms (~1e-6 absolute), amplified by beta in the gradient.
     assert rel_err(float(loss), ref.item()) < 1e-5
+    for k in ("d_w", "d_l", "d_diff"):
+        assert abs(float(metrics[k]) - terms[k].item()) < 1e-5, k
+    assert float(metrics["dpo_accuracy"]) == terms["dpo_accuracy"].item()
     assert rel_err(np.asarray(g_w), tt["v_w"].grad.numpy()) < 1e-4
     assert rel_err(np.asarray(g_l), tt["v_l"].grad.numpy()) < 1e-4
 
@@ -83,7 +89,7 @@ def test_parameter_gradient_through_a_velocity_model_matches_torch(pairs):
     tb = tt["t"].reshape(-1, 1, 1, 1)
     x_w, x_l = (1 - tb) * tt["x0_w"] + tb * tt["eps"], (1 - tb) * tt["x0_l"] + tb * tt["eps"]
     ref = torch_dpo_loss(x_w @ tw + tb_, x_l @ tw + tb_, tt["x0_w"], tt["x0_l"], tt["eps"], tt["t"], tt["v_ref_w"],
-                         tt["v_ref_l"], cfg.beta, True)  # fmt: skip
+                         tt["v_ref_l"], cfg.beta, True)[0]  # fmt: skip
     ref.backward()
     assert rel_err(np.asarray(g[0]), tw.grad.numpy()) < 1e-4
     assert rel_err(np.asarray(g[1]), tb_.grad.numpy()) < 1e-4
@@ -95,6 +101,20 @@ def test_epsilon_from_velocity():
     t = np.array([0.3, 0.8])
     x_t = np.asarray(noisy_latents(jnp.asarray(x0), jnp.asarray(eps), jnp.asarray(t)))
     np.testing.assert_allclose(x_t + (1 - t[:, None, None, None]) * (eps - x0), eps, atol=1e-6)
+
+
+def test_d_terms_are_velocity_errors_scaled_by_one_minus_t_squared(pairs):
+    """``D_* = (1 - t)^2 (|v* - v_theta|^2 - |v* - v_ref|^2)`` and ``D_diff = (1 - t)^2 (|v_w - v_ref_w|^2 - ...)``."""
+    p = {k: v.astype(np.float64) for k, v in pairs.items()}
+    s = (1 - p["t"]) ** 2
+    sq = lambda a: (a**2).mean(axis=(1, 2, 3))  # noqa: E731
+    tw, tl = p["eps"] - p["x0_w"], p["eps"] - p["x0_l"]
+    d_w = s * (sq(tw - p["v_w"]) - sq(tw - p["v_ref_w"]))
+    d_l = s * (sq(tl - p["v_l"]) - sq(tl - p["v_ref_l"]))
+    d_diff = s * (sq(p["v_w"] - p["v_ref_w"]) - sq(p["v_l"] - p["v_ref_l"]))
+    _, m = dpo.dpo_loss(jnp.asarray(pairs["v_w"]), jnp.asarray(pairs["v_l"]), inputs_of(pairs), dpo.DPOConfig())
+    for k, ref in (("d_w", d_w), ("d_l", d_l), ("d_diff", d_diff)):
+        np.testing.assert_allclose(float(m[k]), ref.mean(), atol=1e-6, err_msg=k)  # float32 sums of O(1) squares
 
 
 def test_at_the_reference_the_loss_is_log2_and_both_losses_agree(pairs):
@@ -129,12 +149,13 @@ def test_best_worst_pairs():
         nan, nan, 0.3,      # group 2: one scored sample -> no pair (winner == loser)
         0.4, 0.4, 0.4,      # group 3: all tied -> no pair
         nan, nan, nan,      # group 4: nothing scored -> no pair
+        0.8, 0.8, -0.2,     # group 5: tied best -> the first of them: winner 15, loser 17
     ])  # fmt: skip
-    winner, loser = dpo.best_worst_pairs(scores, 5)
-    np.testing.assert_array_equal(np.asarray(winner)[:2], [1, 5])
-    np.testing.assert_array_equal(np.asarray(loser)[:2], [0, 4])
-    np.testing.assert_array_equal(np.asarray(winner)[2:], np.asarray(loser)[2:])
-    assert 6 <= int(winner[2]) < 9 and 9 <= int(winner[3]) < 12
+    winner, loser = dpo.best_worst_pairs(scores, 6)
+    np.testing.assert_array_equal(np.asarray(winner)[[0, 1, 5]], [1, 5, 15])
+    np.testing.assert_array_equal(np.asarray(loser)[[0, 1, 5]], [0, 4, 17])
+    np.testing.assert_array_equal(np.asarray(winner)[2:5], np.asarray(loser)[2:5])
+    assert 6 <= int(winner[2]) < 9 and 9 <= int(winner[3]) < 12 and 12 <= int(winner[4]) < 15
     # a no-pair row has zero gradient and loss log 2
     x = jnp.asarray(np.random.default_rng(2).normal(size=(1, *SHAPE)), jnp.float32)
     inp = dpo.DPOInputs(x, x, x + 1, jnp.asarray([0.5]), x, x)
@@ -142,6 +163,13 @@ def test_best_worst_pairs():
     assert float(jnp.abs(g).max()) == 0.0
 
 
-def test_config_validation():
+def test_validation(pairs):
     with pytest.raises(ValueError, match="beta must be > 0"):
         dpo.DPOConfig(beta=0.0)
+    inp = inputs_of(pairs)
+    with pytest.raises(ValueError, match=r"v_l must have shape \(4, 4, 4, 3\).*got \(4, 4, 3\)"):
+        dpo.dpo_loss(inp.v_ref_w, inp.v_ref_l[0], inp, dpo.DPOConfig())
+    with pytest.raises(ValueError, match=r"DPOInputs.t must have shape \(4,\)"):
+        dpo.dpo_loss(inp.v_ref_w, inp.v_ref_l, inp._replace(t=inp.t[:2]), dpo.DPOConfig())
+    with pytest.raises(ValueError, match=r"multiple of num_groups = 4, got shape \(6,\)"):
+        dpo.best_worst_pairs(jnp.zeros(6), 4)

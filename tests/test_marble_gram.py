@@ -6,41 +6,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import rel_err
+from helpers import rel_err, tiny_sd35_transformer_config
 
 from marble_jax import balance, mgda
 from marble_jax.models import lora, mmdit
 from marble_jax.nft_loss import NFTConfig, NFTInputs, noisy_latents
 
 M, B = 2, 3  # micro-batches of B samples
-TINY = dict(
-    sample_size=8,
-    patch_size=2,
-    in_channels=4,
-    num_layers=2,
-    attention_head_dim=8,
-    num_attention_heads=2,
-    joint_attention_dim=16,
-    caption_projection_dim=16,
-    pooled_projection_dim=8,
-    out_channels=4,
-    pos_embed_max_size=8,
-    dual_attention_layers=(0,),
-    qk_norm="rms_norm",
-)
+TINY = tiny_sd35_transformer_config(num_layers=2)
 NFT = NFTConfig(beta=0.1, adv_clip_max=5.0, kl_beta=1e-2)
 # float32: the two modes sum the same products in different orders (per-sample weight gradients contracted with R
 # against one batched backward per reward); 1e-4 relative leaves room for that rounding over M micro-batches.
 TOL = 1e-4
 
 
-def assert_combined_close(ours, ref) -> None:
+def assert_combined_close(ours, ref, tol: float = TOL) -> None:
     """A combined update ``sum_k c_k g_k``: within TOL of the whole update's scale, and leaf by leaf within 10 TOL (the
     K terms partly cancel in the sum, so the smallest leaves lose a few more digits)."""
     flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
-    assert rel_err(flat(ours), flat(ref)) < TOL
+    assert rel_err(flat(ours), flat(ref)) < tol
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
-        assert rel_err(np.asarray(a), np.asarray(b)) < 10 * TOL
+        assert rel_err(np.asarray(a), np.asarray(b)) < 10 * tol
 
 
 def _problem(finetune: str):
@@ -60,8 +46,8 @@ def _problem(finetune: str):
     x0 = jax.random.normal(ks[0], (M, B, 8, 8, 4))
     t = jax.random.uniform(ks[1], (M, B), minval=0.05, maxval=0.95)
     x_t = jax.vmap(noisy_latents)(x0, jax.random.normal(ks[2], x0.shape), t)
-    ctx = jax.random.normal(ks[3], (M, B, 5, 16))
-    pooled = jax.random.normal(ks[4], (M, B, 8))
+    ctx = jax.random.normal(ks[3], (M, B, 5, TINY["joint_attention_dim"]))
+    pooled = jax.random.normal(ks[4], (M, B, TINY["pooled_projection_dim"]))
     cond = (x_t, t, ctx, pooled)
 
     def velocity(p, c):
@@ -142,8 +128,10 @@ def test_mgda_weights_takes_per_sample_rows_and_reward_matrix(problem):
     state = tx.init(params)
     ours, ours_state = tx.update(rows, state, reward_matrix=rm)
     ref, ref_state = tx.update(balance.gradients_from_samples(sg, r, NFT).grads, state)
-    assert_combined_close(ours, ref)
-    assert rel_err(np.asarray(ours_state.coefficients), np.asarray(ref_state.coefficients)) < TOL
+    # 1e-3: here the Gram matrix is R' (J' J'^T) R'^T, whose entries ||h + a_k||^2 = h.h + 2 h.a_k + a_k.a_k subtract
+    # float32 terms larger than the result (the trainer contracts R' J' first and takes the Gram of g, as marble does)
+    assert_combined_close(ours, ref, tol=1e-3)
+    assert rel_err(np.asarray(ours_state.coefficients), np.asarray(ref_state.coefficients)) < 1e-3
     with pytest.raises(ValueError, match="reward_matrix must be"):
         tx.update(rows, state, reward_matrix=rm[:3])
     with pytest.raises(ValueError, match="N = 7"):
