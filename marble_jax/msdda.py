@@ -8,11 +8,7 @@ Theorem 1) is the normalised product ``prod_i p_i^{w_i}``, again Gaussian:
 (Algorithm 1: ``x' = mu_w + sigma_w z``). No retraining and no reward is needed, and a step costs M network calls,
 which :func:`fused_sample` runs as one call over the stacked parameters (``jax.vmap``).
 
-Deterministic steps (``sigma_i = 0``, e.g. ``eta_i = 0``) are the limit of vanishing variances: a zero-variance
-component has infinite precision, so if any component with ``w_i > 0`` has variance 0 the fused step is
-deterministic (variance 0) and its mean is the w-weighted mean of the zero-variance components' means (the limit
-of equal vanishing variances: letting them go to 0 together keeps their precision ratios ``w_i / w_j``). With
-every ``eta_i = 0`` this is the w-weighted mean of the models' Euler steps. Components with ``w_i = 0`` never count.
+Deterministic steps (``sigma_i = 0``, e.g. ``eta_i = 0``) are a special case of :func:`fuse_gaussians`.
 
 Reward Soup (:func:`reward_soup`, the baseline): one model whose parameters are ``sum_i w_i theta_i``.
 """
@@ -50,17 +46,31 @@ def check_weights(w: Any, m: int, atol: float = 1e-5) -> None:
 def fuse_gaussians(means: Array, variances: Array, w: Array) -> tuple[Array, Array]:
     """The normalised product ``prod_i N(mu_i, var_i)^{w_i}`` per element: ``(mean, variance)``.
 
+    ``1 / var = sum_i w_i / var_i`` and ``mean = var sum_i (w_i / var_i) mu_i``; equal variances give the w-weighted
+    mean of the means (the DB-MPA case) with that variance.
+
+    Zero variances (deterministic components, e.g. ``eta_i = 0``) are not divided by: such a component has infinite
+    precision, so if any component with ``w_i > 0`` has variance 0 (per element) the fused step is deterministic
+    (variance 0) and its mean is the w-weighted mean of the zero-variance components' means. This is the limit of
+    equal vanishing variances ``var_i = eps -> 0``: their precisions ``w_i / eps`` dominate the others while keeping
+    their ratios ``w_i / w_j``. With every ``eta_i = 0`` it is the w-weighted mean of the models' Euler steps.
+    Components with ``w_i = 0`` never count, whatever their variance.
+
     Args:
       means: ``[M, ...]``.
       variances: ``[M]`` (one per component, e.g. the SDE step's scalar) or ``[M, ...]`` broadcastable to ``means``.
-      w: ``[M]`` on the simplex (checked when concrete: :func:`check_weights`).
+      w: ``[M]`` on the simplex, checked by :func:`check_weights` when concrete (a traced ``w`` inside ``jax.jit``
+        is not checked).
 
-    Returns ``mean`` like ``means[0]`` and ``variance`` broadcast to it; zero-variance components as in the module doc.
+    Returns ``mean`` like ``means[0]`` and ``variance`` broadcast to it.
     """
     m = means.shape[0]
     check_weights(w, m)
-    if variances.ndim == 1:
+    if variances.shape == (m,):
         variances = variances.reshape((m,) + (1,) * (means.ndim - 1))
+    shape = variances.shape
+    if len(shape) != means.ndim or shape[0] != m or any(s not in (1, d) for s, d in zip(shape, means.shape, strict=True)):
+        raise ValueError(f"variances must have shape [{m}] or [{m}, ...] broadcastable to means {means.shape}, got {shape}")
     var = jnp.broadcast_to(variances, means.shape).astype(means.dtype)
     wb = jnp.asarray(w, means.dtype).reshape((m,) + (1,) * (means.ndim - 1))
     live = wb > 0
@@ -84,6 +94,17 @@ def stack_params(trees: Sequence[PyTree]) -> PyTree:
         if jax.tree.structure(tree) != structure:
             raise ValueError(f"stack_params: tree {i} has another structure than tree 0 (models must share one architecture)")
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def num_models(stacked: PyTree) -> int:
+    """The number M of models in a stacked parameter tree (:func:`stack_params`); every leaf must be ``[M, ...]``."""
+    leaves = jax.tree.leaves(stacked)
+    if not leaves or any(jnp.ndim(leaf) == 0 for leaf in leaves):
+        raise ValueError("stacked parameters need leaves with a leading model axis M (see stack_params)")
+    sizes = {jnp.shape(leaf)[0] for leaf in leaves}
+    if len(sizes) != 1:
+        raise ValueError(f"stacked parameters: every leaf needs the same leading model axis M, got sizes {sorted(sizes)}")
+    return sizes.pop()
 
 
 def model_gaussians(
@@ -117,7 +138,7 @@ def fused_sample(
     vertex ``w = e_i`` this reproduces model i's SDE samples with ``eta_i`` (up to the float rounding of
     ``1 / (1 / var)``). Jittable with traced ``w`` and ``etas``.
     """
-    m = jax.tree.leaves(stacked)[0].shape[0]
+    m = num_models(stacked)
     check_weights(w, m)
     etas = jnp.asarray(etas, x_T.dtype)
     if etas.shape != (m,):
@@ -137,8 +158,10 @@ def fused_sample(
     return Rollout(latents, trajectory)
 
 
-def reward_soup(param_trees: Sequence[PyTree], w: Array) -> PyTree:
-    """Reward Soup: ``sum_i w_i theta_i`` leaf by leaf (for LoRA adapters: each factor interpolated), ``w [M]``."""
-    check_weights(w, len(param_trees))
-    stacked = stack_params(param_trees)
+def reward_soup(param_trees: Sequence[PyTree] | PyTree, w: Array) -> PyTree:
+    """Reward Soup: the one model ``sum_i w_i theta_i``, leaf by leaf (for LoRA adapters: A and B of each adapter
+    interpolated). ``param_trees``: a list or tuple of M trees of one structure, or one tree stacked on a leading axis
+    M (:func:`stack_params`); ``w [M]`` on the simplex (:func:`check_weights`)."""
+    stacked = stack_params(param_trees) if isinstance(param_trees, list | tuple) else param_trees
+    check_weights(w, num_models(stacked))
     return jax.tree.map(lambda leaf: jnp.tensordot(jnp.asarray(w, leaf.dtype), leaf, axes=1), stacked)

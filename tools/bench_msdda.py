@@ -3,11 +3,12 @@
     python tools/bench_msdda.py [--batch 8] [--num-steps 10] [--repeats 5]
 
 On the embedded world (its MMDiT with LoRA adapters r 16 on the joint attention, random non-zero factors so the
-models differ), jitted, after a warm-up call, the median of ``--repeats`` calls of ``--batch`` images with
-``--num-steps`` SDE steps: one model (``sampling.sample``, method ``sde``), then M = 2 and M = 4 models fused by
-:func:`marble_jax.msdda.fused_sample` (one vmapped network call per step), and M = 2 full parameter trees stacked
-(no LoRA). Prints seconds per image and the ratio to one model (the issue's goal: M = 2 <= 2.1x, M = 4 <= 4.2x;
-the paper reports about 2x for two models).
+models differ), jitted, after a warm-up call, the median of ``--repeats`` calls (interleaved across the samplers) of
+``--batch`` images with ``--num-steps`` SDE steps: one model (``sampling.sample``, method ``sde``), then M = 2 and
+M = 4 models fused by :func:`marble_jax.msdda.fused_sample` (one vmapped network call per step); once for LoRA
+adapters over one frozen base, once for M full parameter trees stacked (no LoRA). Prints one row per kind:
+milliseconds per image for M = 1, 2, 4 and the ratios to M = 1 (the issue's goal: M = 2 <= 2.1x, M = 4 <= 4.2x; the
+paper reports about 2x for two models).
 """
 
 from __future__ import annotations
@@ -24,14 +25,18 @@ from marble_jax.models import lora, mmdit
 from marble_jax.world import model as world_model
 
 
-def timed(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile + warm-up
-    times = []
+def timed(calls: list[tuple], repeats: int) -> list[float]:
+    """Median seconds of each ``fn(*args)`` in ``calls`` after a compiling warm-up call, the repeats interleaved
+    (round-robin over the calls) so that load from other processes hits every call alike."""
+    for fn, args in calls:
+        jax.block_until_ready(fn(*args))
+    times = [[] for _ in calls]
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for (fn, args), ts in zip(calls, times, strict=True):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
 
 
 def main() -> None:
@@ -62,29 +67,27 @@ def main() -> None:
     def full_velocity(params, x, t):
         return world.apply_fn(params, x, 1000 * t, context, pooled)
 
-    single = jax.jit(lambda p: sampling.sample(lambda x, t: lora_velocity(p, x, t), x_T, sigmas, method="sde", key=key).latents)
+    def single(velocity):
+        return jax.jit(lambda p: sampling.sample(lambda x, t: velocity(p, x, t), x_T, sigmas, method="sde", key=key).latents)
 
     def fused(velocity):
         return jax.jit(lambda s, w, e: msdda.fused_sample(velocity, s, x_T, sigmas, w, e, key).latents)
 
-    fused_lora, fused_full = fused(lora_velocity), fused(full_velocity)
-    full_trees = [jax.tree.map(lambda x, i=i: x * (1 + 0.01 * i), base) for i in range(2)]
-    rows = [("one model (LoRA)", timed(lambda: single(adapters[0]), args.repeats))]
-    for m in (2, 4):
-        stacked, w, etas = msdda.stack_params(adapters[:m]), jnp.full((m,), 1 / m), jnp.linspace(0.7, 1.0, m)
-        rows.append((f"MSDDA M = {m} (LoRA)", timed(lambda s=stacked, w=w, e=etas: fused_lora(s, w, e), args.repeats)))
-    stacked = msdda.stack_params(full_trees)
-    rows.append(
-        (
-            "MSDDA M = 2 (full trees)",
-            timed(lambda: fused_full(stacked, jnp.full((2,), 0.5), jnp.asarray([0.8, 1.0])), args.repeats),
-        )
+    full_trees = [jax.tree.map(lambda x, i=i: x * (1 + 0.01 * i), base) for i in range(4)]
+    print(
+        f"embedded world, batch {args.batch}, {args.num_steps} SDE steps, {jax.devices()[0].platform}, median of {args.repeats}"
     )
-    one = rows[0][1]
-    print(f"embedded world, batch {args.batch}, {args.num_steps} SDE steps, {jax.devices()[0].platform}")
-    print(f"{'sampler':<28}{'ms / image':>12}{'vs one model':>14}")
-    for name, t in rows:
-        print(f"{name:<28}{1e3 * t / args.batch:>12.2f}{t / one:>13.2f}x")
+    print(f"{'models':<26}{'M = 1 ms/img':>14}{'M = 2 ms/img':>14}{'M = 4 ms/img':>14}{'M = 2 / M = 1':>15}{'M = 4 / M = 1':>15}")
+    for name, velocity, trees in (
+        ("LoRA r 16 adapters", lora_velocity, adapters),
+        ("full parameter trees", full_velocity, full_trees),
+    ):
+        many = fused(velocity)
+        calls = [(single(velocity), (trees[0],))]
+        calls += [(many, (msdda.stack_params(trees[:m]), jnp.full((m,), 1 / m), jnp.linspace(0.7, 1.0, m))) for m in (2, 4)]
+        times = timed(calls, args.repeats)
+        ms = "".join(f"{1e3 * t / args.batch:>14.2f}" for t in times)
+        print(f"{name:<26}{ms}{times[1] / times[0]:>14.2f}x{times[2] / times[0]:>14.2f}x")
 
 
 if __name__ == "__main__":
