@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from marble_jax import results_table, sharding, train
-from marble_jax.checkpoint import Checkpointer, quiet_orbax_logs
+from marble_jax.checkpoint import quiet_orbax_logs
 from marble_jax.experiment import Setup, build_setup
 from marble_jax.scoring import Evaluator
 
@@ -42,16 +42,11 @@ def evaluate_runs(
     mesh = train.run_mesh(config)
     base = jax.device_put(setup.base_params, sharding.param_shardings(setup.base_params, mesh))
     decode_params = jax.device_put(setup.decode_params, sharding.replicated(mesh))
-    target, _ = train.state_layout(setup, config, train.make_optimizer(config), mesh)
     evaluator = Evaluator(setup, config, mesh)
     rows = {"base": evaluator.scores(evaluator.images(None, base, decode_params))}
     for workdir in workdirs:
         workdir = Path(workdir)
-        with Checkpointer(workdir / "checkpoints", async_save=False) as ckpt:
-            restored = ckpt.restore(target, step)
-        if restored is None:
-            raise FileNotFoundError(f"no readable checkpoint in {workdir / 'checkpoints'}")
-        got_step, state, _ = restored
+        got_step, state = train.restore_run(setup, config, workdir, step)
         name = workdir.name
         rows[name] = evaluator.scores(evaluator.images(state.ema_params, base, decode_params))
         logging.info("%s (step %d): %s", name, got_step, rows[name])

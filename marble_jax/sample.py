@@ -31,7 +31,7 @@ from absl import app, flags, logging
 from PIL import Image
 
 from marble_jax import image_grid, msdda, sampling, train
-from marble_jax.checkpoint import Checkpointer, quiet_orbax_logs
+from marble_jax.checkpoint import quiet_orbax_logs
 from marble_jax.experiment import Setup, build_setup
 from marble_jax.prompts import load_prompts
 
@@ -82,13 +82,7 @@ def sampling_setup(config: ml_collections.ConfigDict) -> Setup:
 
 def load_trained(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, which: str = "ema") -> PyTree:
     """The trained parameters (``which``: ``ema`` or ``params``) of ``workdir``'s latest checkpoint."""
-    mesh = train.run_mesh(config)
-    target, _ = train.state_layout(setup, config, train.make_optimizer(config), mesh)
-    with Checkpointer(Path(workdir) / "checkpoints", async_save=False) as ckpt:
-        restored = ckpt.restore(target)
-    if restored is None:
-        raise FileNotFoundError(f"no readable checkpoint in {Path(workdir) / 'checkpoints'}")
-    _, state, _ = restored
+    _, state = train.restore_run(setup, config, workdir)
     return state.ema_params if which == "ema" else state.params
 
 

@@ -408,6 +408,23 @@ def state_layout(
     return target, shardings
 
 
+def restore_run(
+    setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, step: int | None = None
+) -> tuple[int, TrainState]:
+    """``(step, state)`` of ``workdir``'s latest checkpoint (or ``step``), laid out on ``config``'s mesh.
+
+    Raises:
+      FileNotFoundError: no readable checkpoint (or none at ``step``) in ``workdir/checkpoints``.
+    """
+    target, _ = state_layout(setup, config, make_optimizer(config), run_mesh(config))
+    with Checkpointer(Path(workdir) / "checkpoints", async_save=False) as ckpt:
+        restored = ckpt.restore(target, step)
+    if restored is None:
+        raise FileNotFoundError(f"no readable checkpoint in {Path(workdir) / 'checkpoints'}")
+    got_step, state, _ = restored
+    return got_step, state
+
+
 def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     """Trains ``config.total_epochs`` optimizer steps (resuming from ``workdir``'s latest checkpoint); returns the state."""
     from clu import metric_writers

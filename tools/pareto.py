@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reproduce_marble import read_jsonl  # noqa: E402
+from reproduce_marble import train_unless_finished  # noqa: E402
 
-from marble_jax import defaults, experiment, msdda, rewards, train  # noqa: E402
+from marble_jax import defaults, msdda, rewards  # noqa: E402
 from marble_jax.sample import base_trainable, load_trained, make_fused_sampler, sampling_setup  # noqa: E402
 from marble_jax.scoring import eval_subset, mean_scores  # noqa: E402
 
@@ -61,14 +61,8 @@ def train_runs(runs: Path, epochs: int, seed: int) -> dict[str, Path]:
     """Trains (or resumes, or skips when finished) the three runs; returns their workdirs."""
     out = {}
     for name, (method, single) in RUNS.items():
-        config, workdir = run_config(method, single, epochs, seed), runs / name
-        metrics = workdir / "metrics.jsonl"
-        if not (metrics.is_file() and read_jsonl(metrics)[-1]["step"] >= epochs):
-            start = time.time()
-            logging.info("training %s", name)
-            train.run(experiment.build_setup(config), config, workdir)
-            logging.info("%s took %.0f s", name, time.time() - start)
-        out[name] = workdir
+        out[name] = runs / name
+        train_unless_finished(run_config(method, single, epochs, seed), out[name], f"training {name}")
     return out
 
 

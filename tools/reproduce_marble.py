@@ -81,6 +81,18 @@ def read_jsonl(path: Path) -> list[dict]:
     return [rows[s] for s in sorted(rows)]
 
 
+def train_unless_finished(config, workdir: Path, name: str) -> None:
+    """Trains ``config`` in ``workdir`` unless its metrics already reach ``config.total_epochs`` (an interrupted run
+    resumes), logging ``name`` and the wall time."""
+    metrics = workdir / "metrics.jsonl"
+    if metrics.is_file() and read_jsonl(metrics)[-1]["step"] >= config.total_epochs:
+        return
+    start = time.time()
+    logging.info("%s", name)
+    train.run(experiment.build_setup(config), config, workdir)
+    logging.info("%s took %.0f s", name, time.time() - start)
+
+
 def summarize(workdir: Path) -> dict:
     """Held-out means at the last evaluation, the anti-aligned fraction and iterations per second of a run."""
     evals = read_jsonl(workdir / "eval.jsonl")
@@ -174,14 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
     summaries = {}
     for i, method in enumerate(args.methods):
-        config = method_config(method, args.epochs, args.seed)
-        workdir = args.runs / method
-        done = (workdir / "metrics.jsonl").is_file() and read_jsonl(workdir / "metrics.jsonl")[-1]["step"] >= args.epochs
-        if not done:
-            start = time.time()
-            logging.info("run %d/%d: %s", i + 1, len(args.methods), method)
-            train.run(experiment.build_setup(config), config, workdir)
-            logging.info("%s took %.0f s", method, time.time() - start)
+        workdir, config = args.runs / method, method_config(method, args.epochs, args.seed)
+        train_unless_finished(config, workdir, f"run {i + 1}/{len(args.methods)}: {method}")
         summaries[method] = summarize(workdir)
     write_report(summaries, args.out, args.epochs)
     print((args.out / "reproduction.md").read_text())
