@@ -221,34 +221,44 @@ def sample_gradients(
 
     ``velocity_fn(params, cond) -> v [B, H, W, C]`` must treat samples independently (``v[b]`` depends on the leaves
     ``[b]`` of ``cond`` only, as the MMDiT does); every leaf of ``cond`` and ``inputs`` has the leading axis B. Each
-    sample runs as a batch of one under ``jax.vmap`` (XLA batches it back): one forward and the vjp of three cotangent
-    rows per sample (two without the KL term), of which two are summed over the batch (``BalanceConfig.row_chunk`` does
-    not apply: running the rows one at a time measured more memory here, 2.1x a weighted-sum step against 1.3x).
+    sample runs as a batch of one under ``jax.vmap`` (XLA batches it back) with its own zero offset ``delta_b`` on the
+    parameters, ``v_b = velocity_fn(params + delta_b, cond_b)``: XLA folds the zero away, so there is ONE forward,
+    and the vjp of that forward gives per-sample gradients w.r.t. ``delta`` and batch-reduced ones w.r.t.
+    ``params``. The row ``J`` is pulled back through ``delta`` only, the reduced rows (``neutral`` and the KL
+    gradient) through ``params`` only, so no per-sample weight gradient of a reduced row is ever formed. Three
+    backward rows in all (two without the KL term), whatever the number of rewards.
 
     The basis: ``r P + (1 - r) N = (P + N) / 2 + (2 r - 1) (P - N) / 2``. With NFT's small ``beta`` the gradients of
     ``P`` and ``N`` nearly cancel (both policies sit close to ``v_old``), so per-sample rows ``grad P_b``, ``grad N_b``
     would leave every reward's gradient as a float32 difference of large, almost opposite vectors. The half
     difference is one row per sample and the reward-independent half sum one reduced row: no such cancellation.
+
+    Why three rows and not two when ``kl_beta > 0``: per sample, the cotangents on ``v_b`` of ``P_b`` and ``N_b``
+    span ``{x_t - t v_old - x0, v_theta - v_old}`` and the KL's adds ``v_old - v_ref``, which is in neither; the
+    update needs the KL gradient with coefficient 1 and the Gram matrix needs ``neutral`` alone, so no two backward
+    rows give all three.
     """
     batch = inputs.t.shape[0]
+    deltas = jax.tree.map(lambda x: jnp.zeros((batch,) + x.shape, x.dtype), params)
+
+    def forward(p, d):
+        def one(d_b, c_b):
+            return velocity_fn(jax.tree.map(jnp.add, p, d_b), jax.tree.map(lambda x: x[None], c_b))[0]
+
+        return jax.vmap(one)(d, cond)
+
+    v, vjp = jax.vjp(forward, params, deltas)
+    pos, neg, d_pos, d_neg = _cotangent_basis(v, inputs, config)
+    _, rows = vjp(((d_pos - d_neg) / 2).astype(v.dtype))
+    reduced = [config.policy_scale / (2 * batch) * (d_pos + d_neg)]
     use_kl = config.kl_beta > 0
-
-    def one(c_b, inp_b):
-        c1, i1 = jax.tree.map(lambda x: x[None], (c_b, inp_b))
-        v, vjp = jax.vjp(lambda p: velocity_fn(p, c1), params)
-        pos, neg, d_pos, d_neg = _cotangent_basis(v, i1, config)
-        cots = [(d_pos - d_neg) / 2, config.policy_scale / (2 * batch) * (d_pos + d_neg)]
-        if use_kl:  # the batch's kl_beta * mean((v - v_ref)^2) has this sample's part / B
-            cots.append(_kl_cotangent(v, i1, config) / batch)
-        (g,) = jax.vmap(vjp)(jnp.stack(cots).astype(v.dtype))
-        kl_b = kl_loss(v, i1.v_ref) if use_kl else jnp.zeros((), jnp.float32)
-        return g, pos[0], neg[0], kl_b
-
-    g, pos, neg, kl_b = jax.vmap(one)(cond, inputs)
-    rows = jax.tree.map(lambda leaf: leaf[:, 0], g)
-    neutral = jax.tree.map(lambda leaf: jnp.sum(leaf[:, 1], axis=0), g)
-    kl_grad = jax.tree.map(lambda leaf: jnp.sum(leaf[:, 2], axis=0), g) if use_kl else jax.tree.map(jnp.zeros_like, params)
-    return SampleGradients(rows, neutral, kl_grad, pos, neg, jnp.mean(kl_b))
+    if use_kl:
+        reduced.append(_kl_cotangent(v, inputs, config))
+    red, _ = jax.vmap(vjp)(jnp.stack(reduced).astype(v.dtype))
+    neutral = jax.tree.map(lambda leaf: leaf[0], red)
+    kl_grad = jax.tree.map(lambda leaf: leaf[1], red) if use_kl else jax.tree.map(jnp.zeros_like, params)
+    kl = kl_loss(v, inputs.v_ref) if use_kl else jnp.zeros((), jnp.float32)
+    return SampleGradients(rows, neutral, kl_grad, pos, neg, kl)
 
 
 def reward_matrix(r: Array, config: NFTConfig) -> Array:
@@ -276,6 +286,18 @@ def gradients_from_samples(sg: SampleGradients, r: Array, config: NFTConfig) -> 
     return RewardGradients(jax.tree.map(contract, sg.neutral, sg.rows), sg.kl_grad, losses, sg.kl)
 
 
+def combine_rows(sg: SampleGradients, r: Array, coefficients: Array, config: NFTConfig) -> PyTree:
+    """``sum_k c_k g_k = (c^T R) J + (sum_k c_k) neutral`` of per-sample gradients, ``r [K, B]``, ``coefficients [K]``:
+    the combined policy update without the K gradients."""
+    c = coefficients.astype(jnp.float32)
+    w = c @ reward_matrix(r, config)
+
+    def leaf_update(n, leaf):
+        return (c.sum() * n + jnp.einsum("b,b...->...", w, leaf, preferred_element_type=jnp.float32)).astype(leaf.dtype)
+
+    return jax.tree.map(leaf_update, sg.neutral, sg.rows)
+
+
 def weighted_gradient(
     velocity_fn: VelocityFn, params: PyTree, inputs: NFTInputs, r: Array, config: NFTConfig, scale: Array | float = 1.0
 ) -> tuple[PyTree, dict[str, Array]]:
@@ -296,8 +318,17 @@ def tree_all_finite(tree: PyTree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def _direction_from_gradients(rg: RewardGradients, state: mgda.MGDAState, cfg: BalanceConfig, mask: Array | None) -> Direction:
-    """The MARBLE direction of per-reward gradients: Gram matrix, harmonised coefficients, plus the KL gradient."""
+def _direction_from_gradients(
+    rg: RewardGradients,
+    state: mgda.MGDAState,
+    cfg: BalanceConfig,
+    mask: Array | None,
+    policy_update: Callable[[Array], PyTree] | None = None,
+) -> Direction:
+    """The MARBLE direction of per-reward gradients: Gram matrix, harmonised coefficients, plus the KL gradient.
+
+    ``policy_update(c)``: ``sum_k c_k g_k`` computed some other way than from ``rg.grads`` (which is then read by the
+    Gram matrix only, so XLA need not keep the ``[K, ...]`` gradients through the solve)."""
     gram = mgda.gram_matrix(rg.grads)
     h = mgda.harmonize(
         gram,
@@ -309,7 +340,7 @@ def _direction_from_gradients(rg: RewardGradients, state: mgda.MGDAState, cfg: B
         tol=cfg.tol,
         mask=mask,
     )
-    policy = mgda.combine(rg.grads, h.coefficients)
+    policy = mgda.combine(rg.grads, h.coefficients) if policy_update is None else policy_update(h.coefficients)
     update = jax.tree.map(jnp.add, policy, rg.kl_grad)
     cos = mgda.direction_cosines(gram, h.coefficients)
     live = jnp.ones(cos.shape, bool) if mask is None else mask
@@ -374,7 +405,14 @@ def accumulated_direction(
         def rows(c, inp, rm):
             return gradients_from_samples(sample_gradients(velocity_fn, params, c, inp, nft), rm, nft)
 
-        return _direction_from_gradients(micro_mean(rows, (cond, inputs, r)), state, cfg, mask)
+        if r.shape[0] > 1:
+            return _direction_from_gradients(micro_mean(rows, (cond, inputs, r)), state, cfg, mask)
+        # One micro-batch: the update is (c^T R) J + C neutral, from the rows themselves.
+        c1, inp1, r1 = jax.tree.map(lambda x: x[0], (cond, inputs, r))
+        sg = sample_gradients(velocity_fn, params, c1, inp1, nft)
+        return _direction_from_gradients(
+            gradients_from_samples(sg, r1, nft), state, cfg, mask, lambda c: combine_rows(sg, r1, c, nft)
+        )
     if cfg.mode in ("marble", "marble_amortized") and (cfg.mode == "marble" or solve):
 
         def rows(c, inp, rm):

@@ -347,8 +347,8 @@ def mgda_weights(
       the state is unchanged.
     * ``reward_matrix=R [K, N]`` (per-sample use): ``updates`` are N rows ``J`` (leading axis N, e.g.
       per-sample gradients of a loss that is a per-sample sum) with objective k's gradient
-      ``g_k = sum_n R[k, n] J_n``. The Gram matrix is ``R (J J^T) R^T`` and the output
-      ``(c^T R) J``: the same as passing the stacked ``R J``, without forming it
+      ``g_k = sum_n R[k, n] J_n``. The Gram matrix is that of ``R J`` (formed leaf by leaf and dropped:
+      ``R (J J^T) R^T`` in exact arithmetic) and the output ``(c^T R) J``: the same as passing the stacked ``R J``
       (:func:`marble_jax.balance.sample_rows` builds ``J`` and ``R`` of the NFT loss).
 
     The state is an :class:`MGDAState`; inside a chain read it with
@@ -384,10 +384,12 @@ def mgda_weights(
             shapes = sorted({tuple(leaf.shape) for leaf in leaves})
             what = f"{k} (one gradient per objective)" if reward_matrix is None else f"N = {rows} (reward_matrix's columns)"
             raise ValueError(f"mgda_weights({k}): every update leaf needs a leading axis of size {what}; got shapes {shapes}")
-        gram = gram_matrix(updates)
-        if reward_matrix is not None:
+        if reward_matrix is None:
+            gram = gram_matrix(updates)
+        else:  # the Gram of g = R J, contracted leaf by leaf: R (J J^T) R^T would subtract float32 terms larger
+            # than its entries when the rows share a large common part
             rm = reward_matrix.astype(jnp.float32)
-            gram = rm @ gram @ rm.T
+            gram = gram_matrix(jax.tree.map(lambda leaf: jnp.tensordot(rm, leaf.astype(jnp.float32), axes=1), updates))
         out = harmonize(gram, state, ema_decay=ema_decay, normalize=normalize, rescale=rescale, max_iters=max_iters, tol=tol)
         row_coefficients = out.coefficients if reward_matrix is None else out.coefficients @ reward_matrix.astype(jnp.float32)
         combined_update = jax.tree.map(lambda leaf: jnp.where(out.finite, leaf, 0), combine(updates, row_coefficients))

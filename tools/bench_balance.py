@@ -3,6 +3,7 @@ per-sample gradients (``marble_gram``).
 
     python tools/bench_balance.py [--ks 5,16] [--solve-every 10] [--repeats 10]
     python tools/bench_balance.py --network world_train      # the trainer's real step on the embedded world
+    python tools/bench_balance.py --kl-beta 0                 # without the KL-to-reference term
 
 For each K, one jitted training step per mode (direction + AdamW with global-norm clipping),
 timed in the same run, on LoRA (r = 32, the joint attention) over a frozen 12.6M-parameter
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -98,31 +100,44 @@ def make_step(net, mode: str, solve: bool, nft: NFTConfig, tx, row_chunk: int | 
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def measure(fn, args, repeats: int) -> tuple[float, float, float]:
-    """(seconds per call, XLA flops, peak temp + output bytes) of a jitted function."""
+def prepare(fn, args) -> tuple[Callable[[], None], float, float]:
+    """``(run, XLA flops, peak temp + output bytes)`` of a jitted step; ``run()`` does one step (warmed up here) and
+    carries its outputs (params, optimizer and MGDA state) into the next call."""
     compiled = fn.lower(*args).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     mem = compiled.memory_analysis()
-    params, opt_state, mstate, inputs, r, c = args
-    params, opt_state, mstate = compiled(params, opt_state, mstate, inputs, r, c)  # warm-up
-    jax.block_until_ready(params)
-    best = float("inf")
+    state = list(args)
+
+    def run() -> None:
+        out = compiled(*state)
+        jax.block_until_ready(out)
+        state[: len(out)] = out
+
+    run()
+    return run, float(cost.get("flops", 0.0)), float(mem.temp_size_in_bytes + mem.output_size_in_bytes)
+
+
+def interleaved_best(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Best seconds per call of each ``run``, the modes taking turns in every repeat (so a slow spell of a shared
+    machine hits all of them, not one)."""
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        params, opt_state, mstate = compiled(params, opt_state, mstate, inputs, r, c)
-        jax.block_until_ready(params)
-        best = min(best, time.perf_counter() - start)
-    return best, float(cost.get("flops", 0.0)), float(mem.temp_size_in_bytes + mem.output_size_in_bytes)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
-def world_train(repeats: int) -> None:
+def world_train(repeats: int, kl_beta: float) -> None:
     """The trainer's update per method on one real epoch of the embedded world (see the module doc)."""
     import numpy as np
 
     from marble_jax import defaults, experiment, train
 
     config = defaults.with_rewards(defaults.get_config("world"), defaults.FIVE_REWARDS["world"])
+    config.nft.kl_beta = kl_beta
     setup = experiment.build_setup(config)
     s = config.sample
     idx = np.arange(s.prompts_per_epoch)
@@ -140,7 +155,7 @@ def world_train(repeats: int) -> None:
     epoch_t = time.perf_counter() - start
     batch = (setup.base_params, x0, jnp.asarray(context), jnp.asarray(pooled), jnp.asarray(rewards), jnp.int32(0))
     weights = jnp.ones((len(config.rewards),), jnp.float32)
-    times = {}
+    runs = {}
     for name, method, solve in (
         ("weighted_sum", "weighted_sum", True),
         ("marble", "marble", True),
@@ -150,21 +165,19 @@ def world_train(repeats: int) -> None:
     ):
         config.method = method
         step = jax.jit(train.make_train_step(setup, config, tx), static_argnums=(8, 9))
-        st = jax.tree.map(jnp.copy, state)
-        st, _ = step(st, *batch, weights, solve, False)  # compile + warm-up
-        jax.block_until_ready(st)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            st, _ = step(st, *batch, weights, solve, False)
-            jax.block_until_ready(st)
-            best = min(best, time.perf_counter() - t0)
-        times[name] = best
+        run_state = [jax.tree.map(jnp.copy, state)]
+
+        def run(step=step, solve=solve, run_state=run_state) -> None:
+            run_state[0] = jax.block_until_ready(step(run_state[0], *batch, weights, solve, False)[0])
+
+        run()  # compile + warm-up
+        runs[name] = run
+    times = interleaved_best(runs, repeats)
     n = config.balance.solve_every
     times["marble_amortized"] = (times["amortized_solve"] + (n - 1) * times["amortized_cached"]) / n
     ws = times["weighted_sum"]
     k, t_train = len(config.rewards), train.trained_timesteps(config)
-    print(f"embedded world, K = {k}, batch {len(prompts)}, {t_train} timesteps, N = {n}")
+    print(f"embedded world, K = {k}, batch {len(prompts)}, {t_train} timesteps, N = {n}, kl_beta {kl_beta}")
     print(f"rollout + rewards of the epoch: {epoch_t:.2f} s (the same for every method)")
     print(f"{'mode':<20}{'update s':>10}{'update speed':>14}{'iteration speed':>17}")
     for name in ("weighted_sum", "marble", "marble_amortized", "marble_gram"):
@@ -178,18 +191,19 @@ def main():
     parser.add_argument("--network", choices=("mmdit_lora", "mlp", "world_train"), default="mmdit_lora")
     parser.add_argument("--solve-every", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--kl-beta", type=float, default=NFTConfig.kl_beta, help="0: no KL term (2 rows for marble_gram)")
     args = parser.parse_args()
     if args.network == "world_train":
-        world_train(args.repeats)
+        world_train(args.repeats, args.kl_beta)
         return
-    nft = NFTConfig(beta=0.1)
+    nft = NFTConfig(beta=0.1, kl_beta=args.kl_beta)
     n = args.solve_every
     print(f"devices: {jax.devices()}  network: {args.network}, batch {BATCH}, kl_beta {nft.kl_beta}")
     for k in (int(x) for x in args.ks.split(",")):
         net, params, n_base, inputs, r, c = build(args.network, k)
         n_train = sum(x.size for x in jax.tree.leaves(params))
         tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, weight_decay=1e-4))
-        results = {}
+        prepared = {}
         for name, mode, solve, chunk in (
             ("weighted_sum", "weighted_sum", True, None),
             ("marble", "marble", True, None),
@@ -199,7 +213,9 @@ def main():
         ):
             fn = make_step(net, mode, solve, nft, tx, chunk)
             p = jax.tree.map(jnp.copy, params)
-            results[name] = measure(fn, (p, tx.init(p), mgda.init_state(k), inputs, r, c), args.repeats)
+            prepared[name] = prepare(fn, (p, tx.init(p), mgda.init_state(k), inputs, r, c))
+        best = interleaved_best({name: run for name, (run, _, _) in prepared.items()}, args.repeats)
+        results = {name: (best[name], flops, mem) for name, (_, flops, mem) in prepared.items()}
         ws_t, ws_f, ws_m = results["weighted_sum"]
         mb_t, mb_f, mb_m = results["marble"]
         # XLA's cost_analysis counts a while loop's body once: the chunked solve has marble's FLOPs.

@@ -1,6 +1,6 @@
 """Plan the real SD3.5-Medium training step on an 8-device mesh without weights or accelerators.
 
-    python tools/plan_sd35.py [--modes weighted_sum,marble,marble_amortized] [--tuning full,lora]
+    python tools/plan_sd35.py [--modes weighted_sum,marble,marble_amortized,marble_gram] [--tuning full,lora]
                               [--per-device-batch 2] [--k 5] [--fsdp 8]
 
 The DiffusionNFT step (the trained, old and reference velocities on one timestep, the update
@@ -69,7 +69,13 @@ def build_step(mode: str, tuning: str, k: int, mesh, batch: int):
         v_old = jax.lax.stop_gradient(net(old, frozen, *args))
         v_ref = jax.lax.stop_gradient(ref(old, frozen, *args))
         inputs = NFTInputs(x0, x_t, t, v_old, v_ref)
-        d = balance.update_direction(lambda p: net(p, frozen, *args), train, inputs, r, mstate, nft, cfg, solve=True)
+        if mode == "marble_gram":  # per-sample rows: the conditioning travels with each sample
+            cond = (x_t, t, context, pooled)
+            velocity = lambda p, c: net(p, frozen, c[0], 1000 * c[1], c[2], c[3])  # noqa: E731
+            one = jax.tree.map(lambda x: x[None], (cond, inputs, r))
+            d = balance.accumulated_direction(velocity, train, *one, mstate, nft, cfg)
+        else:
+            d = balance.update_direction(lambda p: net(p, frozen, *args), train, inputs, r, mstate, nft, cfg, solve=True)
         train, opt_state = balance.optimizer_step(tx, train, opt_state, d)
         return train, opt_state, d.state
 
