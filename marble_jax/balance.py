@@ -223,10 +223,11 @@ def sample_gradients(
     ``[b]`` of ``cond`` only, as the MMDiT does); every leaf of ``cond`` and ``inputs`` has the leading axis B. Each
     sample runs as a batch of one under ``jax.vmap`` (XLA batches it back) with its own zero offset ``delta_b`` on the
     parameters, ``v_b = velocity_fn(params + delta_b, cond_b)``: XLA folds the zero away, so there is ONE forward,
-    and the vjp of that forward gives per-sample gradients w.r.t. ``delta`` and batch-reduced ones w.r.t.
-    ``params``. The row ``J`` is pulled back through ``delta`` only, the reduced rows (``neutral`` and the KL
-    gradient) through ``params`` only, so no per-sample weight gradient of a reduced row is ever formed. Three
-    backward rows in all (two without the KL term), whatever the number of rewards.
+    and its vjp gives per-sample gradients w.r.t. ``delta`` (the row ``J``) and batch-reduced ones w.r.t. ``params``
+    (``neutral`` and the KL gradient). Three backward rows in all (two without the KL term), whatever the number of
+    rewards, pulled back in ONE vmapped vjp call: with a call for ``J`` and another for the reduced rows, XLA merges
+    the two calls' rematerialised block forwards (``remat=True``) and keeps every block's activations alive from
+    one backward to the other (measured 1.9x a weighted-sum step's memory on a remat MMDiT-X, against 1.4x).
 
     The basis: ``r P + (1 - r) N = (P + N) / 2 + (2 r - 1) (P - N) / 2``. With NFT's small ``beta`` the gradients of
     ``P`` and ``N`` nearly cancel (both policies sit close to ``v_old``), so per-sample rows ``grad P_b``, ``grad N_b``
@@ -249,14 +250,14 @@ def sample_gradients(
 
     v, vjp = jax.vjp(forward, params, deltas)
     pos, neg, d_pos, d_neg = _cotangent_basis(v, inputs, config)
-    _, rows = vjp(((d_pos - d_neg) / 2).astype(v.dtype))
-    reduced = [config.policy_scale / (2 * batch) * (d_pos + d_neg)]
+    cots = [(d_pos - d_neg) / 2, config.policy_scale / (2 * batch) * (d_pos + d_neg)]
     use_kl = config.kl_beta > 0
     if use_kl:
-        reduced.append(_kl_cotangent(v, inputs, config))
-    red, _ = jax.vmap(vjp)(jnp.stack(reduced).astype(v.dtype))
-    neutral = jax.tree.map(lambda leaf: leaf[0], red)
-    kl_grad = jax.tree.map(lambda leaf: leaf[1], red) if use_kl else jax.tree.map(jnp.zeros_like, params)
+        cots.append(_kl_cotangent(v, inputs, config))
+    red, per_sample = jax.vmap(vjp)(jnp.stack(cots).astype(v.dtype))
+    rows = jax.tree.map(lambda leaf: leaf[0], per_sample)
+    neutral = jax.tree.map(lambda leaf: leaf[1], red)
+    kl_grad = jax.tree.map(lambda leaf: leaf[2], red) if use_kl else jax.tree.map(jnp.zeros_like, params)
     kl = kl_loss(v, inputs.v_ref) if use_kl else jnp.zeros((), jnp.float32)
     return SampleGradients(rows, neutral, kl_grad, pos, neg, kl)
 
