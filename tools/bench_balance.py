@@ -223,7 +223,7 @@ def main():
         c1_f = mb_f
         ca_t, ca_f, ca_m = results["amortized_cached"]
         gr_t, gr_f, gr_m = results["marble_gram"]
-        gram_rows = 3 if nft.kl_beta > 0 else 2  # per-sample rows: grad P_b, grad N_b (and the KL's)
+        gram_rows = 3 if nft.kl_beta > 0 else 2  # J_b per sample, h and the KL gradient reduced
         am_t, am_f = (mb_t + (n - 1) * ca_t) / n, (mb_f + (n - 1) * ca_f) / n
         a1_t, a1_f = (c1_t + (n - 1) * ca_t) / n, (c1_f + (n - 1) * ca_f) / n
         rows_full = k + (1 if nft.kl_beta > 0 else 0)
