@@ -225,7 +225,7 @@ def sample_gradients(
     vjp call over three cotangent rows per sample (two without the KL term), of which two are then summed over the
     batch. Measured alternatives, both worse: per-sample zero offsets on the parameters (per-sample rows through the
     offsets, reduced ones through the parameters) make every sample's trained weights its own, 0.52x a weighted-sum
-    update on the embedded world against 0.68x; a separate vjp call for the reduced rows lets XLA merge the two
+    update on the embedded world against 0.59-0.68x; a separate vjp call for the reduced rows lets XLA merge the two
     calls' rematerialised block forwards and keep every block's activations alive between them (1.97x a
     weighted-sum step's memory on the real SD3.5-M step against 1.18x). ``BalanceConfig.row_chunk`` does not apply.
 
