@@ -69,13 +69,10 @@ def build_step(mode: str, tuning: str, k: int, mesh, batch: int):
         v_old = jax.lax.stop_gradient(net(old, frozen, *args))
         v_ref = jax.lax.stop_gradient(ref(old, frozen, *args))
         inputs = NFTInputs(x0, x_t, t, v_old, v_ref)
-        if mode == "marble_gram":  # per-sample rows: the conditioning travels with each sample
-            cond = (x_t, t, context, pooled)
-            velocity = lambda p, c: net(p, frozen, c[0], 1000 * c[1], c[2], c[3])  # noqa: E731
-            one = jax.tree.map(lambda x: x[None], (cond, inputs, r))
-            d = balance.accumulated_direction(velocity, train, *one, mstate, nft, cfg)
-        else:
-            d = balance.update_direction(lambda p: net(p, frozen, *args), train, inputs, r, mstate, nft, cfg, solve=True)
+        # one micro-batch; the conditioning travels with each sample (marble_gram runs samples alone)
+        velocity = lambda p, c: net(p, frozen, c[0], 1000 * c[1], c[2], c[3])  # noqa: E731
+        one = jax.tree.map(lambda x: x[None], ((x_t, t, context, pooled), inputs, r))
+        d = balance.accumulated_direction(velocity, train, *one, mstate, nft, cfg)
         train, opt_state = balance.optimizer_step(tx, train, opt_state, d)
         return train, opt_state, d.state
 
