@@ -20,7 +20,7 @@ Modes, with ``r`` the per-reward weights ``[K, B]``:
   coefficients ``c`` (:func:`marble_jax.mgda.harmonize`), direction
   ``sum_k c_k g_k + kl_beta grad KL`` (REFERENCE §3: the KL term added after harmonisation);
 * ``marble_amortized``: a ``marble`` solve when ``solve=True``; otherwise the cached
-  coefficients and ONE backward pass, by the affinity of ``L`` in ``r``:
+  coefficients (renormalised over the batch's live rewards) and ONE backward pass, by the affinity of ``L`` in ``r``:
   ``sum_k c_k grad L(r_k) = C grad L(sum_k c_k r_k / C)``, ``C = sum_k c_k``.
 
 * ``marble_gram``: the ``marble`` direction (same Gram matrix, coefficients and update) at a cost that does not
@@ -102,7 +102,8 @@ class Direction(NamedTuple):
     Attributes:
       update: pytree like ``params``.
       state: the new MGDA state (unchanged by the modes that do not solve).
-      finite: bool, every leaf of ``update`` (and the Gram matrix, when solved) is finite.
+      finite: bool, the update is finite (checked once: on the Gram matrix of every gradient row in a solve,
+        else on the one gradient).
       metrics: dict of scalars and ``[K]`` vectors: losses, and for a solve ``lambda``,
         ``ema_lambda``, ``coefficients``, ``grad_norms``, ``cosines`` of the applied policy
         direction with each reward's gradient, ``min_cosine``, ``anti_aligned`` (some cosine
@@ -116,19 +117,30 @@ class Direction(NamedTuple):
 
 
 class RewardGradients(NamedTuple):
-    """Per-reward policy gradients from one forward pass.
+    """Per-reward policy gradients from one forward pass, in one stack (no slice of it is copied out).
 
     Attributes:
-      grads: pytree like ``params`` with a leading axis K on every leaf.
-      kl_grad: ``kl_beta * grad KL`` like ``params`` (zeros when ``kl_beta == 0``).
+      rows: pytree like ``params`` with a leading axis on every leaf: the K policy gradients, then
+        ``kl_beta * grad KL`` when ``kl_beta > 0`` (``K + 1`` rows; K without the KL term).
       policy_losses: ``[K]`` policy loss of each reward.
       kl: the KL term's value (unweighted).
     """
 
-    grads: PyTree
-    kl_grad: PyTree
+    rows: PyTree
     policy_losses: Array
     kl: Array
+
+    @property
+    def grads(self) -> PyTree:
+        """The K policy gradients (a sliced copy: for tests and reports)."""
+        k = self.policy_losses.shape[0]
+        return jax.tree.map(lambda leaf: leaf[:k], self.rows)
+
+    @property
+    def kl_grad(self) -> PyTree:
+        """``kl_beta * grad KL`` (a sliced copy; zeros without the KL row)."""
+        k = self.policy_losses.shape[0]
+        return jax.tree.map(lambda leaf: leaf[k] if leaf.shape[0] > k else jnp.zeros_like(leaf[0]), self.rows)
 
 
 def _cotangent_basis(v: Array, inputs: NFTInputs, config: NFTConfig):
@@ -157,9 +169,9 @@ def reward_gradients(
 ) -> RewardGradients:
     """K per-reward policy gradients (and the KL gradient) from one traced graph.
 
-    One forward via ``jax.vjp``; the vjp ``vmap``-ped over K (+1 for KL) cotangent rows. With
-    ``row_chunk`` the rows go through ``jax.lax.map`` in vmapped chunks of that size: the same
-    FLOPs, activation-gradient memory of ``row_chunk`` rows instead of all K + 1.
+    One forward via ``jax.vjp``; the vjp ``vmap``-ped over K (+1 for KL) cotangent rows, kept as one stack. With ``row_chunk``
+    the rows go through ``jax.lax.map`` in vmapped chunks of that size: the same FLOPs, activation-gradient memory
+    of ``row_chunk`` rows instead of all K + 1.
 
     Args:
       velocity_fn: ``params -> v_theta [B, H, W, C]``.
@@ -176,16 +188,9 @@ def reward_gradients(
         rows = jnp.concatenate([rows, _kl_cotangent(v, inputs, config)[None]], axis=0)
     rows = rows.astype(v.dtype)
     (grads,) = jax.vmap(vjp)(rows) if row_chunk is None else jax.lax.map(vjp, rows, batch_size=row_chunk)
-    k = r.shape[0]
-    if use_kl:
-        kl_grad = jax.tree.map(lambda leaf: leaf[k], grads)
-        grads = jax.tree.map(lambda leaf: leaf[:k], grads)
-        kl = kl_loss(v, inputs.v_ref)
-    else:
-        kl_grad = jax.tree.map(jnp.zeros_like, params)
-        kl = jnp.zeros((), jnp.float32)
+    kl = kl_loss(v, inputs.v_ref) if use_kl else jnp.zeros((), jnp.float32)
     losses = jax.vmap(lambda rk: policy_loss(pos, neg, rk, config))(r)
-    return RewardGradients(grads, kl_grad, losses, kl)
+    return RewardGradients(grads, losses, kl)
 
 
 class SampleGradients(NamedTuple):
@@ -194,20 +199,35 @@ class SampleGradients(NamedTuple):
     With ``s = adv_clip_max / beta``, reward k's policy gradient is ``g_k = neutral + sum_b (s / B) (2 r_kb - 1) rows_b``.
 
     Attributes:
-      rows: pytree like ``params`` with a leading axis B on every leaf: ``(grad P_b - grad N_b) / 2``.
-      neutral: the policy gradient at ``r = 1/2`` everywhere, ``(s / 2B) sum_b (grad P_b + grad N_b)``, like ``params``
-        (shared by every reward; it vanishes at ``v_theta = v_old``).
-      kl_grad: ``kl_beta * grad KL`` of the batch like ``params`` (zeros when ``kl_beta == 0``).
+      stack: pytree like ``params`` with leading axes ``[B, R]`` on every leaf, as the vjp produced them (nothing is
+        sliced out of it on the update's path): per sample b, ``(grad P_b - grad N_b) / 2``, then sample b's part of
+        ``neutral``, then (R = 3, when ``kl_beta > 0``) its part of ``kl_beta * grad KL``.
       pos, neg: ``[B]`` the per-sample terms ``P_b``, ``N_b``.
       kl: the KL term's value (unweighted).
     """
 
-    rows: PyTree
-    neutral: PyTree
-    kl_grad: PyTree
+    stack: PyTree
     pos: Array
     neg: Array
     kl: Array
+
+    @property
+    def rows(self) -> PyTree:
+        """``[B, ...]`` leaves: ``(grad P_b - grad N_b) / 2``."""
+        return jax.tree.map(lambda leaf: leaf[:, 0], self.stack)
+
+    @property
+    def neutral(self) -> PyTree:
+        """The policy gradient at ``r = 1/2`` everywhere, ``(s / 2B) sum_b (grad P_b + grad N_b)``, like ``params``
+        (shared by every reward; it vanishes at ``v_theta = v_old``)."""
+        return jax.tree.map(lambda leaf: jnp.sum(leaf[:, 1], axis=0), self.stack)
+
+    @property
+    def kl_grad(self) -> PyTree:
+        """``kl_beta * grad KL`` of the batch like ``params`` (zeros when ``kl_beta == 0``)."""
+        return jax.tree.map(
+            lambda leaf: jnp.sum(leaf[:, 2], axis=0) if leaf.shape[1] > 2 else jnp.zeros_like(leaf[0, 0]), self.stack
+        )
 
 
 def sample_gradients(
@@ -222,8 +242,9 @@ def sample_gradients(
     ``velocity_fn(params, cond) -> v [B, H, W, C]`` must treat samples independently (``v[b]`` depends on the leaves
     ``[b]`` of ``cond`` only, as the MMDiT does); every leaf of ``cond`` and ``inputs`` has the leading axis B. Each
     sample runs as a batch of one under ``jax.vmap`` (XLA batches it back, the weights shared): one forward and ONE
-    vjp call over three cotangent rows per sample (two without the KL term), of which two are then summed over the
-    batch. Measured alternatives, both worse: per-sample zero offsets on the parameters (per-sample rows through the
+    vjp call over three cotangent rows per sample (two without the KL term), kept as one ``[B, R, ...]`` stack that
+    the update contracts in one read (:func:`gradients_from_samples`, :func:`combine_rows`).
+    Measured alternatives, both worse: per-sample zero offsets on the parameters (per-sample rows through the
     offsets, reduced ones through the parameters) make every sample's trained weights its own, 0.52x a weighted-sum
     update on the embedded world against 0.59-0.68x; a separate vjp call for the reduced rows lets XLA merge the two
     calls' rematerialised block forwards and keep every block's activations alive between them (1.97x a
@@ -253,11 +274,8 @@ def sample_gradients(
         kl_b = kl_loss(v, i1.v_ref) if use_kl else jnp.zeros((), jnp.float32)
         return g, pos[0], neg[0], kl_b
 
-    g, pos, neg, kl_b = jax.vmap(one)(cond, inputs)
-    rows = jax.tree.map(lambda leaf: leaf[:, 0], g)
-    neutral = jax.tree.map(lambda leaf: jnp.sum(leaf[:, 1], axis=0), g)
-    kl_grad = jax.tree.map(lambda leaf: jnp.sum(leaf[:, 2], axis=0), g) if use_kl else jax.tree.map(jnp.zeros_like, params)
-    return SampleGradients(rows, neutral, kl_grad, pos, neg, jnp.mean(kl_b))
+    g, pos, neg, kl_b = jax.vmap(one)(cond, inputs)  # g: [B, R, ...] leaves
+    return SampleGradients(g, pos, neg, jnp.mean(kl_b))
 
 
 def reward_matrix(r: Array, config: NFTConfig) -> Array:
@@ -266,35 +284,52 @@ def reward_matrix(r: Array, config: NFTConfig) -> Array:
     return (config.policy_scale / r.shape[1]) * (2 * r.astype(jnp.float32) - 1)
 
 
-def sample_rows(sg: SampleGradients, r: Array, config: NFTConfig) -> tuple[PyTree, Array]:
-    """``(J, R)`` for :func:`marble_jax.mgda.mgda_weights` with ``reward_matrix``: ``J`` the rows ``[neutral, rows_0,
-    ..., rows_{B-1}]`` (leading axis B + 1) and ``R [K, B + 1]`` (first column 1), so that ``g = R J``."""
-    rows = jax.tree.map(lambda n, leaf: jnp.concatenate([n[None], leaf]), sg.neutral, sg.rows)
+def _stack_weights(sg: SampleGradients, r: Array, config: NFTConfig) -> Array:
+    """``W [K (+1), B, R]`` with ``g_k = sum_{b, i} W[k, b, i] stack[b, i]``: ``R[k, b]`` on the rows, 1 on the
+    neutral parts, 0 on the KL parts; with the KL parts, a last row that sums them."""
     rm = reward_matrix(r, config)
-    return rows, jnp.concatenate([jnp.ones((rm.shape[0], 1), rm.dtype), rm], axis=1)
+    k, b = rm.shape
+    num_rows = jax.tree.leaves(sg.stack)[0].shape[1]
+    w = jnp.zeros((k, b, num_rows), jnp.float32).at[:, :, 0].set(rm).at[:, :, 1].set(1)
+    if num_rows > 2:
+        w = jnp.concatenate([w, jnp.zeros((1, b, num_rows), jnp.float32).at[0, :, 2].set(1)])
+    return w
+
+
+def sample_rows(sg: SampleGradients, r: Array, config: NFTConfig) -> tuple[PyTree, Array]:
+    """``(J, R')`` for :func:`marble_jax.mgda.mgda_weights` with ``reward_matrix``, so that ``g = R' J``: ``J`` the
+    stack's ``B R`` rows (a reshape, not a copy: per sample its policy row, its part of ``neutral`` and of the KL
+    gradient, the last with weight 0) and ``R' [K, B R]``."""
+    k = r.shape[0]
+    rows = jax.tree.map(lambda leaf: leaf.reshape((-1,) + leaf.shape[2:]), sg.stack)
+    return rows, _stack_weights(sg, r, config)[:k].reshape(k, -1)
 
 
 def gradients_from_samples(sg: SampleGradients, r: Array, config: NFTConfig) -> RewardGradients:
-    """The K per-reward gradients ``neutral + R J`` (and losses) of per-sample gradients, ``r [K, B]``: no network call."""
-    rm = reward_matrix(r, config)
+    """The K per-reward gradients ``neutral + R J`` (and the KL row, and the losses) of per-sample gradients,
+    ``r [K, B]``: one contraction of the stack, no network call."""
+    w = _stack_weights(sg, r, config)
 
-    def contract(n, leaf):
-        return (n[None] + jnp.einsum("kb,b...->k...", rm, leaf, preferred_element_type=jnp.float32)).astype(leaf.dtype)
+    def contract(leaf):
+        return jnp.einsum("kbi,bi...->k...", w, leaf, preferred_element_type=jnp.float32).astype(leaf.dtype)
 
     losses = jax.vmap(lambda rk: policy_loss(sg.pos, sg.neg, rk, config))(r)
-    return RewardGradients(jax.tree.map(contract, sg.neutral, sg.rows), sg.kl_grad, losses, sg.kl)
+    return RewardGradients(jax.tree.map(contract, sg.stack), losses, sg.kl)
 
 
 def combine_rows(sg: SampleGradients, r: Array, coefficients: Array, config: NFTConfig) -> PyTree:
-    """``sum_k c_k g_k = (c^T R) J + (sum_k c_k) neutral`` of per-sample gradients, ``r [K, B]``, ``coefficients [K]``:
-    the combined policy update without the K gradients."""
+    """``sum_k c_k g_k + kl_beta grad KL = sum_{b, i} (c^T W)[b, i] stack[b, i]`` of per-sample gradients,
+    ``r [K, B]``, ``coefficients [K]``: the whole update in one read of the stack, without the K gradients."""
+    w = _stack_weights(sg, r, config)
     c = coefficients.astype(jnp.float32)
-    w = c @ reward_matrix(r, config)
+    if w.shape[0] > c.shape[0]:
+        c = jnp.concatenate([c, jnp.ones((1,), jnp.float32)])
+    wc = jnp.einsum("k,kbi->bi", c, w)
 
-    def leaf_update(n, leaf):
-        return (c.sum() * n + jnp.einsum("b,b...->...", w, leaf, preferred_element_type=jnp.float32)).astype(leaf.dtype)
+    def contract(leaf):
+        return jnp.einsum("bi,bi...->...", wc, leaf, preferred_element_type=jnp.float32).astype(leaf.dtype)
 
-    return jax.tree.map(leaf_update, sg.neutral, sg.rows)
+    return jax.tree.map(contract, sg.stack)
 
 
 def weighted_gradient(
@@ -322,13 +357,17 @@ def _direction_from_gradients(
     state: mgda.MGDAState,
     cfg: BalanceConfig,
     mask: Array | None,
-    policy_update: Callable[[Array], PyTree] | None = None,
+    combined_update: Callable[[Array], PyTree] | None = None,
 ) -> Direction:
     """The MARBLE direction of per-reward gradients: Gram matrix, harmonised coefficients, plus the KL gradient.
 
-    ``policy_update(c)``: ``sum_k c_k g_k`` computed some other way than from ``rg.grads`` (which is then read by the
-    Gram matrix only, so XLA need not keep the ``[K, ...]`` gradients through the solve)."""
-    gram = mgda.gram_matrix(rg.grads)
+    The Gram matrix is taken over the whole stack, KL row included (the same one read of it, and its finiteness is
+    the finiteness of every row: the one check of the step); the solve uses its K x K policy block.
+    ``combined_update(c)``: ``sum_k c_k g_k + kl_beta grad KL`` computed some other way than from ``rg.rows`` (which
+    is then read by the Gram matrix only, so XLA need not keep the stack through the solve)."""
+    k = rg.policy_losses.shape[0]
+    full = mgda.gram_matrix(rg.rows)
+    gram = full[:k, :k]
     h = mgda.harmonize(
         gram,
         state,
@@ -339,8 +378,11 @@ def _direction_from_gradients(
         tol=cfg.tol,
         mask=mask,
     )
-    policy = mgda.combine(rg.grads, h.coefficients) if policy_update is None else policy_update(h.coefficients)
-    update = jax.tree.map(jnp.add, policy, rg.kl_grad)
+    if combined_update is None:
+        with_kl = jnp.concatenate([h.coefficients, jnp.ones((full.shape[0] - k,), jnp.float32)])
+        update = mgda.combine(rg.rows, with_kl)
+    else:
+        update = combined_update(h.coefficients)
     cos = mgda.direction_cosines(gram, h.coefficients)
     live = jnp.ones(cos.shape, bool) if mask is None else mask
     metrics = {
@@ -357,7 +399,7 @@ def _direction_from_gradients(
         "mgda_gap": h.state.gap,
         "mgda_iterations": h.state.iterations,
     }
-    return Direction(update, h.state, h.finite & tree_all_finite(update), metrics)
+    return Direction(update, h.state, jnp.all(jnp.isfinite(full)), metrics)
 
 
 def micro_mean(fn: Callable[..., PyTree], micro: tuple) -> PyTree:
@@ -391,7 +433,10 @@ def accumulated_direction(
     and of ``r`` (``[M, B]`` or ``[M, K, B]``) has a leading axis M. The per-reward gradients (or the one weighted
     gradient) are averaged over the micro-batches under ``jax.lax.scan`` before the MGDA solve, so the balance is
     computed on the whole batch's gradients, with one micro-batch's activations in memory at a time.
-    ``mask [K]``: rewards to leave out of a solve (see :func:`marble_jax.mgda.harmonize`); all by default.
+    ``mask [K]``: the rewards live in this batch (all by default); the others are left out of a solve (see
+    :func:`marble_jax.mgda.harmonize`) and get coefficient 0 on an amortised step, whose cached coefficients are
+    renormalised over the live ones (:func:`marble_jax.mgda.coefficients`). A reward live now but not at the last
+    solve has no cached coefficient: the caller solves instead when :func:`marble_jax.mgda.needs_solve` says so.
     ``marble_gram`` runs each sample alone: every leaf of ``cond`` then also has the batch axis, ``[M, B, ...]``.
     """
     if cfg.mode in ("single", "weighted_sum"):
@@ -406,7 +451,7 @@ def accumulated_direction(
 
         if r.shape[0] > 1:
             return _direction_from_gradients(micro_mean(rows, (cond, inputs, r)), state, cfg, mask)
-        # One micro-batch: the update is (c^T R) J + C neutral, from the rows themselves.
+        # One micro-batch: the update is one contraction of the per-sample stack (combine_rows).
         c1, inp1, r1 = jax.tree.map(lambda x: x[0], (cond, inputs, r))
         sg = sample_gradients(velocity_fn, params, c1, inp1, nft)
         return _direction_from_gradients(
@@ -419,8 +464,8 @@ def accumulated_direction(
 
         return _direction_from_gradients(micro_mean(rows, (cond, inputs, r)), state, cfg, mask)
     scale: Array | float = 1.0
-    if cfg.mode == "marble_amortized":
-        c = state.coefficients
+    if cfg.mode == "marble_amortized":  # the last solve's coefficients over this batch's live rewards
+        c = mgda.coefficients(state, mask)
         scale = c.sum()
         r = jnp.einsum("k,mkb->mb", c, r) / jnp.where(scale > 0, scale, 1)
 
@@ -452,7 +497,7 @@ def update_direction(
       state: MGDA state (passed through by the modes that do not solve).
       nft: NFT loss hyper-parameters.
       cfg: balancing configuration.
-      solve: static; ``marble_amortized`` only: full solve (True) or cached coefficients.
+      solve: static; ``marble_amortized`` only: full solve (True) or cached coefficients (all rewards live).
     """
     if cfg.mode in ("single", "weighted_sum") and r.ndim != 1:
         raise ValueError(f"mode {cfg.mode!r} takes one weight vector r [B], got shape {r.shape}")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from marble_jax.mgda import mgda_weights
+from marble_jax.mgda import coefficients, mgda_weights
 
 CENTRES = jnp.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
 SCALES = jnp.array([1.0, 100.0, 0.01])
@@ -42,7 +42,7 @@ def run_mgda(steps: int = 400, solve_every: int = 1, lr: float = 1e-2) -> jax.Ar
 
     @jax.jit
     def cached_step(x, state):
-        c = optax.tree_utils.tree_get(state, "coefficients")
+        c = coefficients(state)
         grad = jax.grad(lambda y: jnp.dot(c, objectives(y)))(x)  # one gradient, cached weights
         updates, state = tx.update(grad, state, x, combined=True)
         return optax.apply_updates(x, updates), state

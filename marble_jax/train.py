@@ -128,6 +128,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ValueError(
             f"config.sample.timestep_fraction x num_steps trains no timestep ({s.timestep_fraction} x {s.num_steps})"
         )
+    if config.method == "dpo" and dpo_timesteps(config) < 1:
+        raise ValueError(f"method 'dpo' needs config.sample.num_steps >= 2 (t = 1 teaches DPO nothing), got {s.num_steps}")
 
 
 def dpo_pairs_per_micro_batch(config: ml_collections.ConfigDict) -> int:
@@ -138,6 +140,22 @@ def dpo_pairs_per_micro_batch(config: ml_collections.ConfigDict) -> int:
 def trained_timesteps(config: ml_collections.ConfigDict) -> int:
     """T, the timesteps of its own sampler grid each sample trains on: ``int(timestep_fraction * num_steps)``."""
     return int(config.sample.timestep_fraction * config.sample.num_steps)
+
+
+def dpo_timesteps(config: ml_collections.ConfigDict) -> int:
+    """The timesteps each DPO pair trains on: T, drawn from the grid without its first point ``t = 1``, where DPO's
+    ``(1 - t)^2`` weight is exactly 0 (so at most ``num_steps - 1``)."""
+    return min(trained_timesteps(config), config.sample.num_steps - 1)
+
+
+def draw_timesteps(key: Array, count: int, sigmas: Array, config: ml_collections.ConfigDict) -> Array:
+    """``t [count, T']``: each of ``count`` samples (pairs, for DPO) trains on timesteps of its own sampler grid
+    ``sigmas [S + 1]``, shuffled per sample: ``T' = T`` of the grid's first S points for the NFT methods, and
+    ``dpo_timesteps`` of points 1 .. S - 1 for DPO (no ``t = 1``)."""
+    num_steps = config.sample.num_steps
+    first, steps = (1, dpo_timesteps(config)) if config.method == "dpo" else (0, trained_timesteps(config))
+    perms = jax.vmap(lambda k: first + jax.random.permutation(k, num_steps - first))(jax.random.split(key, count))
+    return sigmas[perms[:, :steps]]
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -189,20 +207,31 @@ def _key(root: Array, step: Array | int, purpose: str) -> Array:
 # ------------------------------------------------------------------------------------------- jitted steps
 
 
+def _reward_weights(rewards: Array, num_groups: int, config: ml_collections.ConfigDict) -> Array:
+    """``r [K', B]`` of rewards ``[K', B]``: per-reward advantages (per prompt group) mapped to ``[0, 1]``."""
+    groups = jnp.repeat(jnp.arange(num_groups), config.sample.images_per_prompt)
+    kw = dict(global_std=config.advantage.global_std, adv_clip_max=config.nft.adv_clip_max, eps=config.advantage.eps)
+    return advantages.reward_weights(rewards, groups, num_groups, **kw)
+
+
+def live_rewards(rewards: Array, config: ml_collections.ConfigDict) -> Array:
+    """``[K]`` bools: the rewards with an advantage signal in this batch. A reward that applies to no sample, or ties
+    everywhere, has r = 0.5 on every sample: its policy gradient is then the neutral h = (s / 2B) sum_b grad (P_b +
+    N_b), shared by every such reward and zero only at theta = theta_old. It carries no reward signal and is left
+    out of the balance."""
+    return jnp.any(_reward_weights(rewards, config.sample.prompts_per_epoch, config) != 0.5, axis=1)
+
+
 def optimality_weights(
     rewards: Array, active: Array, weights: Array, num_groups: int, config: ml_collections.ConfigDict
 ) -> tuple[Array, Array]:
     """``(r_all [K, B], r_applied)``: every reward's weights, and what the method trains on: ``[K, B]`` for the
     MARBLE methods, ``[B]`` otherwise (the weighted-sum reward's, or reward ``active``'s)."""
-    group_size = config.sample.images_per_prompt
-    groups = jnp.repeat(jnp.arange(num_groups), group_size)
-    kw = dict(global_std=config.advantage.global_std, adv_clip_max=config.nft.adv_clip_max, eps=config.advantage.eps)
-    r_all = advantages.reward_weights(rewards, groups, num_groups, **kw)
+    r_all = _reward_weights(rewards, num_groups, config)
     if config.method in balance.SOLVING_MODES:
         return r_all, r_all
     if config.method == "weighted_sum":
-        combined = advantages.weighted_sum_rewards(rewards, weights)
-        return r_all, advantages.reward_weights(combined[None], groups, num_groups, **kw)[0]
+        return r_all, _reward_weights(advantages.weighted_sum_rewards(rewards, weights)[None], num_groups, config)[0]
     return r_all, r_all[active]
 
 
@@ -228,10 +257,10 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.G
         """Step-level DPO (or Diffusion-DPO) on one (best, worst) pair per prompt of ``rewards[active]``."""
         winner, loser = dpo.best_worst_pairs(rewards[active], num_groups)  # [G] each
         pairs = winner.shape[0]
-        perms = jax.vmap(lambda k: jax.random.permutation(k, s.num_steps))(jax.random.split(k_perm, pairs))[:, :timesteps]
+        steps = dpo_timesteps(config)  # no t = 1, where the (1 - t)^2 weight is exactly 0
         per = dpo_pairs_per_micro_batch(config)
-        t = sigmas[perms].T.reshape(-1, per)  # [M, per]
-        micro = lambda x: _micro(x, timesteps, per)  # noqa: E731
+        t = draw_timesteps(k_perm, pairs, sigmas, config).T.reshape(-1, per)  # [M, per]
+        micro = lambda x: _micro(x, steps, per)  # noqa: E731
         x0_w, x0_l = micro(x0[winner]), micro(x0[loser])
         eps = jax.random.normal(k_eps, x0_w.shape, x0_w.dtype)  # shared by the winner and the loser
         ctx, pld = micro(context[winner]), micro(pooled[winner])  # the pair's prompt
@@ -267,8 +296,7 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.G
         r_all, r_applied = optimality_weights(rewards, active, weights, num_groups, config)
         batch = x0.shape[0]
         # Each sample trains on T timesteps of its own grid, shuffled per sample.
-        perms = jax.vmap(lambda k: jax.random.permutation(k, s.num_steps))(jax.random.split(k_perm, batch))[:, :timesteps]
-        t = sigmas[perms].T.reshape(-1, train_batch)  # [M, mb], timestep-major like _micro
+        t = draw_timesteps(k_perm, batch, sigmas, config).T.reshape(-1, train_batch)  # [M, mb], timestep-major like _micro
         x0_m = _micro(x0, timesteps, train_batch)
         eps = jax.random.normal(k_eps, x0_m.shape, x0_m.dtype)
         tb = t[:, :, None, None, None]
@@ -281,9 +309,7 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.G
             r_m = jnp.moveaxis(jax.vmap(lambda row: _micro(row, timesteps, train_batch))(r_applied), 0, 1)
         else:
             r_m = _micro(r_applied, timesteps, train_batch)
-        # A reward with no advantage signal in this batch (applies to no sample, or ties everywhere) has r = 0.5 on
-        # every sample: its gradient is rounding noise and is left out of the balance.
-        live = jnp.any(r_all != 0.5, axis=1)
+        live = jnp.any(r_all != 0.5, axis=1)  # live_rewards
         direction = balance.accumulated_direction(
             velocity, state.params, cond, inputs, r_m, state.mgda, nft, bal, solve=solve, mask=live
         )
@@ -470,6 +496,7 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path) ->
         out_shardings=(state_sh, rep),
         donate_argnums=(0,),
     )
+    live_fn = jax.jit(lambda r: live_rewards(r, config))
     embed = EmbeddingCache(setup.encode)
     weights = np.array([float(config.reward_weights.get(n, 1.0)) for n in names], np.float32)
     # TensorBoard event files (process 0); the console gets the progress line and the evaluations.
@@ -513,6 +540,8 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path) ->
             if sharding.any_process(bool(faults)) and not faults:
                 faults = ["a reward fault on another process"]
             solve = config.method != "marble_amortized" or step % config.balance.solve_every == 0
+            if not solve and not faults:  # a reward live now but not at the last solve has no cached coefficient
+                solve = bool(sharding.to_host(mgda.needs_solve(state.mgda, live_fn(sharding.to_global(rewards, rep)))))
             diagnose = config.diagnostics_every > 0 and step % config.diagnostics_every == 0
             if faults:
                 log.warning("step %d: reward fault, update skipped (weights untouched): %s", step, "; ".join(faults))

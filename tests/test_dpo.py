@@ -103,18 +103,46 @@ def test_epsilon_from_velocity():
     np.testing.assert_allclose(x_t + (1 - t[:, None, None, None]) * (eps - x0), eps, atol=1e-6)
 
 
-def test_d_terms_are_velocity_errors_scaled_by_one_minus_t_squared(pairs):
-    """``D_* = (1 - t)^2 (|v* - v_theta|^2 - |v* - v_ref|^2)`` and ``D_diff = (1 - t)^2 (|v_w - v_ref_w|^2 - ...)``."""
-    p = {k: v.astype(np.float64) for k, v in pairs.items()}
-    s = (1 - p["t"]) ** 2
+def eps_space_terms(p: dict, v_w, v_l) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``D_w, D_l, D_diff [P]`` in float64 from Lemma 1's epsilon-space definitions: the noisy latents
+    ``x_t = (1 - t) x0 + t eps`` and each model's noise prediction ``eps_model = x_t + (1 - t) v``, formed explicitly."""
+    p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+    v_w, v_l = np.asarray(v_w, np.float64), np.asarray(v_l, np.float64)
+    tb = p["t"][:, None, None, None]
+    x_w, x_l = (1 - tb) * p["x0_w"] + tb * p["eps"], (1 - tb) * p["x0_l"] + tb * p["eps"]
+    eps_of = lambda x, v: x + (1 - tb) * v  # noqa: E731
     sq = lambda a: (a**2).mean(axis=(1, 2, 3))  # noqa: E731
-    tw, tl = p["eps"] - p["x0_w"], p["eps"] - p["x0_l"]
-    d_w = s * (sq(tw - p["v_w"]) - sq(tw - p["v_ref_w"]))
-    d_l = s * (sq(tl - p["v_l"]) - sq(tl - p["v_ref_l"]))
-    d_diff = s * (sq(p["v_w"] - p["v_ref_w"]) - sq(p["v_l"] - p["v_ref_l"]))
+    d_w = sq(p["eps"] - eps_of(x_w, v_w)) - sq(p["eps"] - eps_of(x_w, p["v_ref_w"]))
+    d_l = sq(p["eps"] - eps_of(x_l, v_l)) - sq(p["eps"] - eps_of(x_l, p["v_ref_l"]))
+    d_diff = sq(eps_of(x_w, v_w) - eps_of(x_w, p["v_ref_w"])) - sq(eps_of(x_l, v_l) - eps_of(x_l, p["v_ref_l"]))
+    return d_w, d_l, d_diff
+
+
+def test_d_terms_are_the_epsilon_space_definitions(pairs):
+    """Our D terms (computed in velocity space) against the epsilon-space definitions, formed in float64."""
+    d_w, d_l, d_diff = eps_space_terms(pairs, pairs["v_w"], pairs["v_l"])
     _, m = dpo.dpo_loss(jnp.asarray(pairs["v_w"]), jnp.asarray(pairs["v_l"]), inputs_of(pairs), dpo.DPOConfig())
     for k, ref in (("d_w", d_w), ("d_l", d_l), ("d_diff", d_diff)):
-        np.testing.assert_allclose(float(m[k]), ref.mean(), atol=1e-6, err_msg=k)  # float32 sums of O(1) squares
+        # differences of float32 means of O(1) squares: a few eps32 of the squares' size, which is O(1) here
+        np.testing.assert_allclose(float(m[k]), ref.mean(), atol=1e-6, err_msg=k)
+
+
+def test_d_diff_sign_and_loss_at_a_finite_step(pairs):
+    """Half-way from the reference to the winner's target (a finite step, where D_diff is not negligible): the winner
+    moved and the loser did not, so D_diff > 0, and it enters the margin as ``-(D_w - D_l - D_diff)``: the loss
+    equals that formula and not the one with D_diff's sign flipped."""
+    inp = inputs_of(pairs)
+    v_w = inp.v_ref_w + 0.5 * (inp.eps - inp.x0_w - inp.v_ref_w)
+    v_l = inp.v_ref_l
+    cfg = dpo.DPOConfig(step_level=True)
+    loss, m = dpo.dpo_loss(v_w, v_l, inp, cfg)
+    d_w, d_l, d_diff = eps_space_terms(pairs, v_w, v_l)
+    assert np.all(d_diff > 0) and float(m["d_diff"]) > 0
+    softplus = lambda x: np.logaddexp(0.0, x)  # noqa: E731  (-log sigmoid(-x) = softplus(x))
+    expected = np.mean(softplus(cfg.beta * (d_w - d_l - d_diff)))
+    flipped = np.mean(softplus(cfg.beta * (d_w - d_l + d_diff)))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert abs(flipped - expected) > 100 * 1e-5 * expected
 
 
 def test_at_the_reference_the_loss_is_log2_and_both_losses_agree(pairs):

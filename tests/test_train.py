@@ -23,7 +23,7 @@ import pytest
 import tiny_config
 from helpers import save_tiny_world
 
-from marble_jax import evaluate, experiment, results_table, sharding, train
+from marble_jax import evaluate, experiment, results_table, sampling, sharding, train
 from marble_jax.checkpoint import Checkpointer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -399,3 +399,17 @@ def test_dpo_method_trains_on_best_worst_pairs(reference, tmp_path):
     c.sample.update(prompts_per_epoch=3, rollout_batch=4, train_batch=4)  # 2 pairs per micro-batch, 3 prompts
     with pytest.raises(ValueError, match="must divide prompts_per_epoch"):
         train.validate(c, 1)
+
+
+def test_dpo_draws_no_timestep_at_t_one():
+    """DPO's (1 - t)^2 weight is exactly 0 at the grid's first point t = 1: DPO never trains there, NFT does."""
+    config = tiny_config.get_config()
+    config.sample.update(num_steps=6, timestep_fraction=0.99)
+    sigmas = sampling.sigma_schedule(6, shift=3.0)
+    nft_t = np.asarray(train.draw_timesteps(jax.random.key(0), 64, sigmas, config))
+    config.method = "dpo"
+    dpo_t = np.asarray(train.draw_timesteps(jax.random.key(0), 64, sigmas, config))
+    assert nft_t.shape == (64, 5) and dpo_t.shape == (64, 5)
+    assert (nft_t == 1.0).any() and not (dpo_t == 1.0).any()
+    assert set(np.unique(dpo_t)) == set(np.asarray(sigmas)[1:6])  # every other grid point, each once per pair
+    assert all(len(set(row)) == 5 for row in dpo_t)
