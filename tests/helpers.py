@@ -13,6 +13,97 @@ def rel_err(ours, ref) -> float:
     return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
+# ---------------------------------------------------------------- float64 references and float32 bounds
+
+F32_EPS = float(np.finfo(np.float32).eps)
+"""2^-23 = 1.19e-7, the spacing of float32 numbers at 1: a float32 operation rounds by at most F32_EPS / 2 relative."""
+
+
+def torch_float64():
+    """A context in which the float32 that library code asks for explicitly (``dtype=torch.float32``, ``.float()``,
+    ``.to(torch.float32)``) is float64. Parameters and inputs are cast by the caller (:func:`float64_copy`,
+    :func:`t64`); this catches the casts inside a reference: diffusers' timestep sinusoid, its RMSNorm variance and
+    its schedulers' steps, T5's softmax and layer norm. A reference run in it rounds at 2^-53 throughout, so a
+    parity test against it measures our float32 rounding alone."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class Float64Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if kwargs.get("dtype") is torch.float32:
+                kwargs["dtype"] = torch.float64
+            if func is torch.Tensor.float:
+                return args[0].double()
+            if func in (torch.Tensor.to, torch.Tensor.type):
+                args = tuple(torch.float64 if a is torch.float32 else a for a in args)
+            return func(*args, **kwargs)
+
+    return Float64Mode()
+
+
+def float64_copy(module):
+    """A float64 copy of a torch module in eval mode (every parameter and floating buffer cast by ``.double()``);
+    the module itself stays float32."""
+    import copy
+
+    return copy.deepcopy(module).double().eval()
+
+
+def t64(x):
+    """A float64 torch tensor of ``x`` (a numpy / JAX array or a torch tensor); integer arrays stay integer."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.double() if x.is_floating_point() else x
+    x = np.asarray(x)
+    return torch.from_numpy(np.array(x, np.float64) if np.issubdtype(x.dtype, np.floating) else np.array(x))
+
+
+def normalise_bound(mean, std) -> float:
+    """A bound on the absolute float32 error of CLIP's pixel normalisation ``y = (p / 255 - mean) / std`` of uint8
+    ``p`` computed as ours is: ``x = p * fl(1/255)``, then ``(x - fl(mean)) / fl(std)``, every float32 constant and
+    operation correctly rounded (within u = F32_EPS / 2 relative). To first order in u: ``x`` (in [0, 1]) is within
+    2u, ``x - mean`` within ``(2 + mean + |x - mean|) u``, and the quotient (or its product with a rounded reciprocal,
+    as XLA may compile it) within that over ``std`` plus ``3u |y|``: ``u (2 + mean + 4 max(mean, 1 - mean)) / std``,
+    the largest over the channels (1.06e-6 for OpenAI CLIP's statistics). Every uint8 value tried, the error of
+    ours is at most 4.5e-7 there."""
+    u = F32_EPS / 2
+    m, s = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    return float(np.max(u * (2 + m + 4 * np.maximum(m, 1 - m)) / s))
+
+
+def cosine_bound(tol: float, cosines) -> float:
+    """A bound on ``rel_err`` of cosines (dot products of unit vectors; or a positive multiple of them: CLIP logits,
+    CLIPScore, PickScore) when each unit vector is within L2 distance ``tol`` of the exact one: ``|d cos| <= |d a| +
+    |d b| <= 2 tol``, relative to ``max |cos|``. The float32 error of a cosine scales with its unit vectors, not with
+    the cosine, so the bound grows as the sum cancels: random tiny models give cosines of 0.01 - 0.2."""
+    return 2 * tol / float(np.max(np.abs(np.asarray(cosines, np.float64))))
+
+
+def use_our_timestep_sinusoid(model) -> None:
+    """Replaces, in place, the timestep sinusoid of a diffusers SD3 transformer (``time_text_embed.time_proj``)
+    by ours (:func:`marble_jax.models.embeddings.timestep_embedding`, float32, then cast to float64).
+
+    ``sin(t f)`` with ``t f`` up to 1000 is ill-conditioned: any float32 sinusoid is ~4e-5 (absolute) off the
+    exact one (ours and torch's alike; tests/test_mmdit.py::test_timestep_sinusoid_matches_diffusers bounds it),
+    and parameter gradients downstream of it pick up several 1e-6. A float64 reference fed our float32 sinusoid
+    measures the well-conditioned rest of the network alone."""
+    import jax.numpy as jnp
+    import torch
+
+    from marble_jax.models.embeddings import timestep_embedding
+
+    proj = model.time_text_embed.time_proj
+    assert (proj.flip_sin_to_cos, proj.downscale_freq_shift, proj.scale) == (True, 0, 1)  # ours: cos first, f = 1e4^(-k/half)
+
+    class OurSinusoid(torch.nn.Module):
+        def forward(self, t):
+            return t64(np.asarray(timestep_embedding(jnp.asarray(t.detach().numpy(), jnp.float32), proj.num_channels)))
+
+    model.time_text_embed.time_proj = OurSinusoid()
+
+
 def perturb_torch_module(module, seed: int = 0, scale: float = 0.02) -> None:
     """Adds Gaussian noise to every parameter of a torch module, in place, so that layers
     initialised to zero (adaLN modulation, final layers, LoRA B) are exercised by parity tests."""

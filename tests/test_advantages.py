@@ -22,6 +22,25 @@ def reference_advantages(rewards: np.ndarray, prompts: np.ndarray, global_std: b
     return out
 
 
+def float32_bound(rewards: np.ndarray, prompts: np.ndarray, ref: np.ndarray, global_std: bool) -> np.ndarray:
+    """Per-sample bound on the float32 error of the advantages (to first order in u = 2^-24), from the conditioning
+    ``k = max|R| / (std + 1e-4)`` of the std's population (of n rewards) and the group size g: the rewards round to
+    float32 (u |R|) and a group mean is within (g + 1) u max|R|, so ``R - mean``, a cancelling difference, is within
+    (g + 2) u max|R| = (g + 2) k u (std + 1e-4); the std is within (k + n / 2 + 2) u relative, the quotient rounds
+    once more: ``u ((g + 2) k + |A| (k + n / 2 + 3))``."""
+    valid = np.isfinite(rewards)
+    bound = np.zeros_like(ref)
+    for p in np.unique(prompts):
+        sel = (prompts == p) & valid
+        if not sel.any():
+            continue
+        population = valid if global_std else sel
+        n, g = population.sum(), sel.sum()
+        k = np.abs(rewards[population]).max() / (rewards[population].std() + 1e-4)
+        bound[sel] = 2.0**-24 * ((g + 2) * k + np.abs(ref[sel]) * (k + n / 2 + 3))
+    return bound
+
+
 def test_matches_reference_global_and_group_std():
     rng = np.random.default_rng(0)
     groups = np.repeat(np.arange(6), 4)
@@ -30,7 +49,9 @@ def test_matches_reference_global_and_group_std():
     for global_std in (True, False):
         ours = adv.group_advantages(jnp.asarray(rewards), jnp.asarray(groups), 6, global_std=global_std)
         ref = reference_advantages(rewards, groups, global_std)
-        np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-5)
+        ratio = np.abs(np.asarray(ours) - ref) / np.maximum(float32_bound(rewards, groups, ref, global_std), 1e-30)
+        print(f"global_std={global_std}: error / bound <= {ratio.max():.3f}")
+        assert np.all(ratio <= 1), ratio
         assert np.all(np.asarray(ours)[[1, 5, 6, 7]] == 0)
 
 

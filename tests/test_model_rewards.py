@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import rel_err
+from helpers import float64_copy, rel_err, t64, torch_float64
 from scipy.stats import spearmanr
 from transformers import CLIPModel
 
@@ -80,15 +80,19 @@ def test_aesthetic_conflicts_with_geneval_counting():
 
 
 def test_shipped_world_clip_is_a_transformers_clip_model():
-    model = CLIPModel.from_pretrained(mr.ASSETS / "world_clip").eval()
+    model = float64_copy(CLIPModel.from_pretrained(mr.ASSETS / "world_clip"))
     held, images = _heldout(4)
     prompts = [s.prompt.text for s in held]
     ours = mr.load_clip("world_clip")
     logits = mr.embed_images(ours, images) @ mr.embed_texts(ours, prompts).T * np.exp(ours.logit_scale)
-    with torch.no_grad():
-        pixels = torch.from_numpy(mr.normalize(images).transpose(0, 3, 1, 2))
-        ref = model(input_ids=torch.from_numpy(mr.tokenize(prompts)).long(), pixel_values=pixels).logits_per_image
-    assert rel_err(logits, ref) < 1e-5
+    pixels = (images.astype(np.float64) / 255 - mr.PIXEL_MEAN) / mr.PIXEL_STD  # mr.normalize in float64
+    with torch.no_grad(), torch_float64():
+        ref = model(input_ids=torch.from_numpy(mr.tokenize(prompts)).long(), pixel_values=t64(pixels.transpose(0, 3, 1, 2)))
+    err = rel_err(logits, ref.logits_per_image)
+    print(f"logits vs float64: {err:.2e}")
+    # float32 parity against transformers in float64: measured 3.8e-7 (the trained model's cosines reach 0.64, so the
+    # logits barely cancel); 1e-5 leaves >= 26x.
+    assert err < 1e-5
 
 
 @pytest.mark.parametrize("name", NAMES)
