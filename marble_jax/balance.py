@@ -91,6 +91,11 @@ class BalanceConfig:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"BalanceConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
 
+    @property
+    def mgda(self) -> mgda.MGDAConfig:
+        """The MGDA recipe of this configuration."""
+        return mgda.MGDAConfig(self.ema_decay, self.normalize, self.rescale, self.max_iters, self.tol)
+
     def solves_at(self, step: int) -> bool:
         """Whether optimizer step ``step`` does a full solve (always, but in the amortised mode)."""
         return self.mode != "marble_amortized" or step % self.solve_every == 0
@@ -368,16 +373,7 @@ def _direction_from_gradients(
     k = rg.policy_losses.shape[0]
     full = mgda.gram_matrix(rg.rows)
     gram = full[:k, :k]
-    h = mgda.harmonize(
-        gram,
-        state,
-        ema_decay=cfg.ema_decay,
-        normalize=cfg.normalize,
-        rescale=cfg.rescale,
-        max_iters=cfg.max_iters,
-        tol=cfg.tol,
-        mask=mask,
-    )
+    h = cfg.mgda.harmonize(gram, state, mask)
     if combined_update is None:
         with_kl = jnp.concatenate([h.coefficients, jnp.ones((full.shape[0] - k,), jnp.float32)])
         update = mgda.combine(rg.rows, with_kl)

@@ -442,6 +442,19 @@ class MGDAConfig:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"MGDAConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
 
+    def harmonize(self, gram: Array, state: MGDAState, mask: Array | None = None) -> Harmonized:
+        """:func:`harmonize` with this recipe."""
+        return harmonize(
+            gram,
+            state,
+            ema_decay=self.ema_decay,
+            normalize=self.normalize,
+            rescale=self.rescale,
+            max_iters=self.max_iters,
+            tol=self.tol,
+            mask=mask,
+        )
+
 
 def _leaf_shapes(tree: PyTree) -> list[tuple[str, tuple[int, ...]]]:
     return [(jax.tree_util.keystr(path), tuple(leaf.shape)) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
@@ -489,16 +502,7 @@ def mgda_aggregate(
     else:
         rm = reward_matrix.astype(jnp.float32)
         gram = gram_matrix(jax.tree.map(lambda leaf: jnp.tensordot(rm, leaf.astype(jnp.float32), axes=1), jacobian))
-    out = harmonize(
-        gram,
-        state,
-        ema_decay=config.ema_decay,
-        normalize=config.normalize,
-        rescale=config.rescale,
-        max_iters=config.max_iters,
-        tol=config.tol,
-        mask=mask,
-    )
+    out = config.harmonize(gram, state, mask)
     row_coefficients = out.coefficients if reward_matrix is None else out.coefficients @ reward_matrix.astype(jnp.float32)
     zeros = lambda: jax.tree.map(lambda leaf: jnp.zeros(leaf.shape[1:], leaf.dtype), jacobian)  # noqa: E731
     update = jax.lax.cond(out.finite, lambda: combine(jacobian, row_coefficients), zeros)
