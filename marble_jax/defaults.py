@@ -101,7 +101,9 @@ def get_config(scale: str = "world") -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(
         dict(every=50, num_prompts=64, images_per_prompt=1, num_steps=40, method="euler", batch=16, grid_images=16)
     )
-    c.checkpoint = ml_collections.ConfigDict(dict(every=25, keep=3, async_save=True))
+    # every: steps between saves; every_minutes: also save when this much time passed since the last save (0: off),
+    # so that a preemption loses at most that much work whatever a step's length
+    c.checkpoint = ml_collections.ConfigDict(dict(every=25, every_minutes=0.0, keep=3, async_save=True))
     # The (data, fsdp) mesh; unset sizes: all devices to fsdp. num_devices: use the first n devices (default all).
     c.mesh = ml_collections.ConfigDict(dict(data=placeholder(int), fsdp=placeholder(int), num_devices=placeholder(int)))
     c.log_every = 1

@@ -1,6 +1,6 @@
 """Trains a text-to-image model against several rewards.
 
-    python -m marble_jax.main --config=configs/k5.py [--workdir=runs/k5] [--config.total_epochs=100]
+    python -m marble_jax.main --config=configs/k5.py [--workdir=runs/k5] [--overwrite] [--config.total_epochs=100]
 
 Without ``config.model.path`` the run uses the embedded world (a tiny model and five offline rewards shipped in
 the package) and says so. Re-running the same command resumes from the workdir's latest checkpoint. Multi-host:
@@ -20,7 +20,10 @@ from ml_collections import config_flags
 from marble_jax.checkpoint import quiet_orbax_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file (append :sd35 for the paper's scale)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events, samples; default runs/<config name>")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "checkpoints, TensorBoard events, samples; default runs/<config name>[_<scale>], e.g. runs/k5_sd35"
+)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "delete another run's files (no checkpoint) found in --workdir")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-host)")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (with --distributed)")
@@ -42,16 +45,16 @@ def main(argv: list[str]) -> None:
     quiet_orbax_logs()
     if _DISTRIBUTED.value:
         initialize_distributed()
-    from marble_jax import experiment, train
+    from marble_jax import experiment, run_log, train
 
     config = _CONFIG.value
-    config_path = flags.FLAGS["config"].config_filename
-    workdir = Path(_WORKDIR.value or Path("runs") / Path(config_path.split(":")[0]).stem)
+    workdir = Path(_WORKDIR.value or run_log.default_workdir(flags.FLAGS["config"].config_filename))
+    train.validate(config, train.run_mesh(config).size)  # every config check before any model is loaded
     if not config.model.path:
         logging.info("no config.model.path: training the embedded world (tiny model, offline rewards)")
     logging.info("process %d of %d, %d devices: %s", jax.process_index(), jax.process_count(), jax.device_count(), jax.devices())
     setup = experiment.build_setup(config)
-    train.run(setup, config, workdir)
+    train.run(setup, config, workdir, overwrite=_OVERWRITE.value)
 
 
 if __name__ == "__main__":

@@ -194,12 +194,11 @@ def gram_matrix(grads: PyTree, *, chunk: int | None = None) -> Array:
     Each leaf adds the product ``[K, n] x [n, K]`` of its rows (inputs in the leaf's dtype, float32 accumulation;
     no approximation). How, by measurement (``tools/bench_mgda.py``):
 
-    * on CPU, XLA hands one such skinny product to a GEMM library that first packs the whole ``[n, K]`` operand (for
-      a large leaf a fresh copy, page faults included): 8-25x the time of reading a leaf of 20-640 MB. So there a
-      leaf of 6 MiB or more is reduced chunk by chunk in a loop, each chunk's ``[K, chunk]`` product in cache and the
-      float32 partial sums added in order (2-7x faster at n = 1e6-1e7); smaller leaves, whose products XLA also runs
-      side by side, keep one product each (up to 2.7x faster than the loop at K = 5, n = 16k-40k). Other
-      platforms keep the one product;
+    * on CPU, one such skinny product (XLA hands it to its GEMM library, which packs the ``[n, K]`` operand) takes
+      8-25x the time of reading a leaf of 20-640 MB. So there a leaf of 6 MiB or more is reduced chunk by chunk in a
+      loop, each chunk's ``[K, chunk]`` product in cache and the float32 partial sums added in order (2-7x faster at
+      n = 1e6-1e7); smaller leaves, whose products XLA also runs side by side, keep one product each (up to 2.7x
+      faster than the loop at K = 5, n = 16k-40k). Other platforms keep the one product;
     * leaves of fewer than 512 values per row are concatenated (per dtype) into one operand first: below that the
       overhead of one product per leaf costs more than copying the small leaves (2x at 400 leaves of 256 values).
 

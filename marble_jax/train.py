@@ -23,8 +23,10 @@ Keys are derived by name from the run's root key and the step (``fold_in``), and
 from __future__ import annotations
 
 import concurrent.futures
+import fnmatch
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -38,7 +40,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from marble_jax import advantages, balance, dpo, mgda, sampling, sharding
+from marble_jax import advantages, balance, dpo, mgda, run_log, sampling, sharding
 from marble_jax.checkpoint import Checkpointer
 from marble_jax.experiment import Setup
 from marble_jax.nft_loss import NFTConfig, NFTInputs
@@ -48,8 +50,28 @@ from marble_jax.scoring import Evaluator
 Array = jax.Array
 PyTree = Any
 METHODS = ("single", "weighted_sum", "sequential", "marble", "marble_amortized", "marble_gram", "dpo")
-RESUMABLE_CHANGES = ("total_epochs", "eval", "checkpoint", "log_every", "diagnostics_every")
-"""Config entries a resumed run may change; any other difference from the checkpointed config is an error."""
+RESUMABLE_CHANGES = (
+    "total_epochs",
+    "eval",
+    "eval.*",
+    "checkpoint",
+    "checkpoint.*",
+    "log_every",
+    "diagnostics_every",
+    # where and how the same computation runs: a checkpoint restores onto any mesh (resharded), remat changes no value,
+    # and a reward's batching, device and worker count change how it is computed, not its scores
+    "mesh",
+    "mesh.*",
+    "model.remat",
+    "reward_options.*.batch_size",
+    "reward_options.*.device",
+    "reward_options.*.workers",
+    "eval_reward_options.*.batch_size",
+    "eval_reward_options.*.device",
+    "eval_reward_options.*.workers",
+)
+"""Config entries (``fnmatch`` patterns over dotted keys) a resumed run may change; any other difference from the
+checkpointed config is an error."""
 _PURPOSE = {"rollout": 0, "train": 1, "eval": 2, "init": 3}
 log = logging.getLogger("marble_jax.train")
 
@@ -130,6 +152,26 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         )
     if config.method == "dpo" and dpo_timesteps(config) < 1:
         raise ValueError(f"method 'dpo' needs config.sample.num_steps >= 2 (t = 1 teaches DPO nothing), got {s.num_steps}")
+    for key, value in (
+        ("eval.every", config.eval.every),
+        ("log_every", config.log_every),
+        ("checkpoint.every", config.checkpoint.every),
+    ):
+        if value < 1:
+            raise ValueError(f"config.{key} = {value} must be >= 1 (steps between two of them)")
+    if config.checkpoint.every_minutes < 0:
+        raise ValueError(f"config.checkpoint.every_minutes = {config.checkpoint.every_minutes} must be >= 0 (0: off)")
+    if config.old_policy_schedule not in (1, 2):
+        raise ValueError(f"config.old_policy_schedule = {config.old_policy_schedule!r} must be 1 or 2")
+    for key, value in (("sample.method", s.method), ("eval.method", config.eval.method)):
+        if value not in sampling.METHODS:
+            raise ValueError(f"config.{key} = {value!r} is not one of {sampling.METHODS}")
+    scaled = [n for n in names if not n.startswith("world_")]
+    if scaled and not config.model.path:
+        raise ValueError(
+            f"config.rewards {scaled} score real images, but config.model.path is empty (which trains the embedded "
+            "32-px world): give --config.model.path=<an SD3.5 snapshot>, or use the world's rewards (world_*)"
+        )
 
 
 def dpo_pairs_per_micro_batch(config: ml_collections.ConfigDict) -> int:
@@ -359,7 +401,8 @@ def make_rollout(setup: Setup, config: ml_collections.ConfigDict) -> Callable:
 
 
 class _Stop:
-    """SIGTERM (and SIGINT) while training: finish the step, save, return."""
+    """SIGTERM (and SIGINT) while training: finish the step, save, return (every process: the loop asks them all at
+    each step boundary). A second signal aborts at once (exit status 128 + signal)."""
 
     def __init__(self):
         self.requested = False
@@ -372,7 +415,12 @@ class _Stop:
         return self
 
     def _handle(self, signum, frame):
-        log.warning("received %s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self.requested:
+            log.error("received %s again: aborting now, without saving", name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.warning("received %s: saving a checkpoint after this step, then stopping (again: abort now)", name)
         self.requested = True
 
     def __exit__(self, *exc):
@@ -384,10 +432,23 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) and v else {key: v})
+    return out
+
+
 def _check_resumable(saved: dict, current: dict) -> None:
-    changed = sorted(k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    old, new = _flat(saved), _flat(current)
+    changed = sorted(
+        k
+        for k in set(old) | set(new)
+        if old.get(k) != new.get(k) and not any(fnmatch.fnmatchcase(k, p) for p in RESUMABLE_CHANGES)
+    )
     if changed:
-        detail = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise ValueError(f"the checkpointed run's config differs in {changed} ({detail}); use a new --workdir to change them")
 
 
@@ -451,8 +512,11 @@ def restore_run(
     return got_step, state
 
 
-def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
-    """Trains ``config.total_epochs`` optimizer steps (resuming from ``workdir``'s latest checkpoint); returns the state."""
+def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, overwrite: bool = False) -> TrainState:
+    """Trains ``config.total_epochs`` optimizer steps (resuming from ``workdir``'s latest checkpoint); returns the state.
+
+    A workdir with another run's files and no checkpoint is refused unless ``overwrite`` (:mod:`marble_jax.run_log`);
+    a resumed run drops its logs' rows past the restored step and evaluates where the interrupted run did not."""
     from clu import metric_writers
 
     workdir = Path(workdir)
@@ -475,6 +539,10 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path) ->
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     meta = {"config": _config_dict(config), "rewards": names, "model": setup.name}
+    writes = jax.process_index() == 0
+    run_log.claim_workdir(workdir, meta["config"], bool(ckpt.steps()), overwrite, writes)
+    if ckpt.steps() and (workdir / "config.json").exists():  # a config collision is named before any restore
+        _check_resumable(json.loads((workdir / "config.json").read_text()).get("config", {}), meta["config"])
     restored = ckpt.restore(target)
     if restored is None and ckpt.steps():
         raise RuntimeError(f"{ckpt.directory} has checkpoints {ckpt.steps()} but none is readable (see the warnings above)")
@@ -485,7 +553,8 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path) ->
         step, state, saved_meta = restored
         _check_resumable(saved_meta.get("config", {}), meta["config"])
         log.info("resumed from %s step %d", workdir / "checkpoints", step)
-    (workdir / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
+    if writes:
+        (workdir / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
 
     bsh = lambda ndim: sharding.batch_sharding(mesh, ndim)  # noqa: E731
     rollout = jax.jit(make_rollout(setup, config), out_shardings=(bsh(4), bsh(4)))
@@ -507,13 +576,16 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path) ->
     evaluator = Evaluator(setup, config, mesh)
     total = config.total_epochs
     start_step = int(sharding.to_host(state.step))
+    evaluated = run_log.resume_logs(workdir, start_step, writes)  # the steps already evaluated, up to start_step
     times: list[float] = []
+    last_save = time.monotonic()
 
     with _Stop() as stop:
         for step in range(start_step, total):
             t0 = time.perf_counter()
-            if step % config.eval.every == 0 and (step > start_step or start_step == 0):
+            if step % config.eval.every == 0 and step not in evaluated:
                 evaluator.run(state.ema_params, base, decode_params, step, writer, workdir)
+                evaluated.add(step)
             idx = prompt_groups(s.prompts_per_epoch, config.seed, step, len(setup.train_prompts))
             prompts = [setup.train_prompts[i] for i in idx for _ in range(s.images_per_prompt)]
             context, pooled = embed([p.text for p in prompts])
@@ -575,16 +647,20 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path) ->
             if jax.process_index() == 0:
                 with open(workdir / "metrics.jsonl", "a") as f:  # the same scalars, for scripts
                     f.write(json.dumps({"step": step + 1, **scalars}) + "\n")
-            if (step + 1) % config.log_every == 0 or step + 1 == total:
+            if writes and ((step + 1) % config.log_every == 0 or step + 1 == total):
                 _progress(step + 1, total, times, scalars, names)
             done = step + 1 == total
-            if stop.requested or done or (step + 1) % config.checkpoint.every == 0:
+            stopping = sharding.any_process(stop.requested)  # a stop asked on any process stops them all, here
+            minutes = config.checkpoint.every_minutes
+            timely = minutes > 0 and sharding.any_process(time.monotonic() - last_save >= 60 * minutes)
+            if stopping or done or timely or (step + 1) % config.checkpoint.every == 0:
                 ckpt.save(step + 1, state, meta)
-            if stop.requested:
+                last_save = time.monotonic()
+            if stopping:
                 log.warning("stopped at step %d on request; resume by running the same command", step + 1)
                 break
-        else:
-            if total > start_step or start_step == 0:
+        else:  # also on resuming a run stopped in its last step, before its final evaluation
+            if total >= start_step and total not in evaluated:
                 evaluator.run(state.ema_params, base, decode_params, total, writer, workdir)
     ckpt.close()
     pool.shutdown()

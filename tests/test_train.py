@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,6 +95,55 @@ def test_resume_past_a_corrupt_checkpoint_equals_uninterrupted(reference, tmp_pa
     assert_same_params(state.params, ref.params)
     assert_same_params(state.ema_params, ref.ema_params)
     assert_same_params(state.old_params, ref.old_params)
+    # step 3 ran twice (its checkpoint was unreadable): logged once, and the short run's final evaluation at 3 is
+    # dropped with it (the resumed run evaluates at 4)
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()] == [0, 2, 4]
+    assert_events_logged_once(tmp_path, {"policy_loss": [1, 2, 3, 4], "eval/world_geneval": [0, 2, 4]})
+
+
+def assert_events_logged_once(workdir: Path, expected: dict[str, list[int]]) -> None:
+    """The steps TensorBoard shows for each tag (after purging a resumed run's orphaned events)."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator  # as TensorBoard reads
+
+    events = EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+    events.Reload()
+    for tag, steps in expected.items():
+        assert [e.step for e in events.Tensors(tag)] == steps, tag
+
+
+def test_missed_evaluations_run_on_resume(world, tmp_path):
+    """A run stopped after saving its last step, before the final evaluation, evaluates on resume; so does a run
+    resumed at a step whose evaluation was not done."""
+    config = tiny_config.get_config(str(world))
+    config.total_epochs = 2
+    setup = experiment.build_setup(config)
+    train.run(setup, config, tmp_path)
+    evals = tmp_path / "eval.jsonl"
+    rows = evals.read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [0, 2]
+    evals.write_text(rows[0] + "\n")  # as if stopped before the final evaluation
+    train.run(setup, config, tmp_path)
+    assert [json.loads(r)["step"] for r in evals.read_text().splitlines()] == [0, 2]
+    evals.write_text(rows[0] + "\n")  # as if stopped after saving step 2, before evaluating at step 2
+    config.total_epochs = 3
+    train.run(setup, config, tmp_path)
+    assert [json.loads(r)["step"] for r in evals.read_text().splitlines()] == [0, 2, 3]
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_workdir_of_another_run_is_refused_unless_overwrite(world, tmp_path):
+    config = tiny_config.get_config(str(world))
+    config.total_epochs = 1
+    setup = experiment.build_setup(config)
+    train.run(setup, config, tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints")
+    config.seed = 7
+    with pytest.raises(ValueError, match=r"another run's files.*\['seed'\].*--overwrite"):
+        train.run(setup, config, tmp_path)
+    train.run(setup, config, tmp_path, overwrite=True)
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["seed"] == 7
+    assert [m["step"] for m in _metrics(tmp_path)] == [1]
 
 
 def test_nonfinite_direction_skips_the_update(reference, tmp_path, caplog):
@@ -227,6 +277,43 @@ def test_bad_inputs_fail_before_compute(world, tmp_path):
     config.sample.train_batch = 3
     with pytest.raises(ValueError, match="train_batch"):
         train.validate(config, 1)
+    for key, value, match in (
+        ("eval.every", 0, r"config.eval.every = 0"),
+        ("log_every", 0, r"config.log_every = 0"),
+        ("checkpoint.every", 0, r"config.checkpoint.every = 0"),
+        ("checkpoint.every_minutes", -1.0, r"config.checkpoint.every_minutes = -1.0"),
+        ("old_policy_schedule", 3, r"config.old_policy_schedule = 3"),
+        ("sample.method", "heun", r"config.sample.method = 'heun'"),
+        ("eval.method", "ddim", r"config.eval.method = 'ddim'"),
+        ("rewards", ("pickscore", "world_ocr"), r"\['pickscore'\].*config.model.path is empty"),
+    ):
+        bad = tiny_config.get_config(str(world))
+        *parents, leaf = key.split(".")
+        node = bad
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+        with pytest.raises(ValueError, match=match):
+            train.validate(bad, 1)
+
+
+def test_main_checks_the_config_before_loading_a_model_and_names_its_workdir(tmp_path):
+    """``:sd35`` without a model path fails at once, before loading anything; the default workdir carries the
+    config's argument."""
+    from marble_jax import run_log
+
+    assert run_log.default_workdir("configs/k5.py:sd35") == Path("runs/k5_sd35")
+    assert run_log.default_workdir("configs/k5.py") == Path("runs/k5")
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "marble_jax.main", f"--config={ROOT / 'configs/k5.py'}:sd35", f"--workdir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode != 0 and "config.model.path is empty" in proc.stderr + proc.stdout
+    assert "loading" not in (proc.stderr + proc.stdout).lower() and time.perf_counter() - started < 120
 
 
 def test_unknown_config_key_is_named(world, tmp_path):
@@ -272,15 +359,57 @@ json.dump(out, open({str(tmp_path / "params.json")!r}, "w"))
         assert diff < 0.02 * moved, (name, diff, moved)
 
 
+def test_resume_may_change_where_it_runs_but_not_what():
+    saved = tiny_config.get_config().to_dict()
+    current = tiny_config.get_config()
+    current.mesh.update(num_devices=4, data=4)
+    current.model.remat = True
+    current.reward_options.world_geneval.update(device="gpu", batch_size=64, workers=4)
+    current.checkpoint.every_minutes = 5.0
+    train._check_resumable(json.loads(json.dumps(saved)), json.loads(current.to_json_best_effort()))
+    current.lora.alpha = 1.0
+    current.reward_options.world_geneval.threshold = 0.5
+    with pytest.raises(ValueError, match=r"\['lora.alpha', 'reward_options.world_geneval.threshold'\]"):
+        train._check_resumable(json.loads(json.dumps(saved)), json.loads(current.to_json_best_effort()))
+
+
+def test_checkpoint_of_8_devices_restores_on_4_and_1_and_resumes(reference, tmp_path):
+    config, _, _, _ = reference
+    script = f"""
+import sys, json, numpy as np, jax
+sys.path.insert(0, {str(ROOT / "tests")!r})
+import tiny_config
+from marble_jax import experiment, train
+def cfg(n):
+    c = tiny_config.get_config({config.model.world_dir!r})
+    c.total_epochs = 2
+    c.sample.update(rollout_batch=8, train_batch=8)
+    c.eval.every = 100
+    c.mesh.update(num_devices=n, data=n, fsdp=1)
+    return c
+setup = experiment.build_setup(cfg(8))
+state = train.run(setup, cfg(8), {str(tmp_path)!r})
+leaves = lambda s: [np.asarray(x) for x in jax.tree.leaves((s.params, s.opt_state, s.ema_params, s.old_params))]
+out = {{}}
+for n in (4, 1):
+    step, restored = train.restore_run(setup, cfg(n), {str(tmp_path)!r})
+    out[n] = step == 2 and all(np.array_equal(a, b) for a, b in zip(leaves(state), leaves(restored), strict=True))
+    assert restored.params[next(iter(restored.params))]["a"].sharding.mesh.size == n
+c = cfg(4)
+c.total_epochs = 3
+out["resumed"] = int(train.run(setup, c, {str(tmp_path)!r}).step)
+json.dump(out, open({str(tmp_path / "out.json")!r}, "w"))
+"""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "out.json").read_text()) == {"4": True, "1": True, "resumed": 3}
+
+
 def test_two_process_run_matches_one_device(reference, tmp_path):
     """Two ``jax.distributed`` processes (one CPU device each, gloo collectives) on a data 2 x fsdp 1 mesh."""
     config, setup, ref, _ = reference
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    flags = ["--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--config.mesh.data=2"]
-    procs = [_main(tmp_path, Path(config.model.world_dir), *flags, f"--process_id={i}", env=env) for i in range(2)]
+    procs = _two_processes(tmp_path, Path(config.model.world_dir))
     outs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
@@ -290,6 +419,65 @@ def test_two_process_run_matches_one_device(reference, tmp_path):
     pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params), strict=True)
     diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in pairs)
     assert moved > 1e-3 and diff < 0.02 * moved, (diff, moved)
+
+
+def _two_processes(workdir: Path, world: Path, *overrides: str) -> list[subprocess.Popen]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    flags = ["--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--config.mesh.data=2"]
+    return [_main(workdir, world, *flags, *overrides, f"--process_id={i}", env=env) for i in range(2)]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(reference, tmp_path):
+    """SIGTERM to process 1 only: both processes save the same step and exit 0; rerunning both resumes and ends
+    where an uninterrupted run does."""
+    config, setup, ref, _ = reference
+    procs = _two_processes(tmp_path, Path(config.model.world_dir))
+    _wait_for(procs[0], "1/4")  # only process 0 prints the progress line
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+        assert "stopped at step" in out
+    assert "1/4" not in outs[1] and "received SIGTERM" in outs[1]
+    stopped = [int(out.split("stopped at step ")[1].split(";")[0]) for out in outs]
+    assert stopped[0] == stopped[1] < 4 and max(Checkpointer(tmp_path / "checkpoints").steps()) == stopped[0]
+    procs = _two_processes(tmp_path, Path(config.model.world_dir))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+        assert "resumed from" in out
+    state = final_state(setup, config, tmp_path)
+    moved = max(float(np.abs(x["b"]).max()) for x in ref.params.values())
+    pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params), strict=True)
+    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in pairs)
+    assert diff < 0.02 * moved, (diff, moved)  # as test_two_process_run_matches_one_device
+
+
+def test_second_signal_aborts_at_once(reference, tmp_path):
+    config, _, _, _ = reference
+    proc = _main(tmp_path, Path(config.model.world_dir))
+    _wait_for(proc, "1/4")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "aborting now" in out and "stopped at step" not in out
+
+
+def test_checkpoints_on_time_as_well_as_on_steps(world, tmp_path):
+    config = tiny_config.get_config(str(world))
+    config.total_epochs = 3
+    config.checkpoint.update(every=100, keep=5)
+    setup = experiment.build_setup(config)
+    train.run(setup, config, tmp_path / "steps")
+    assert Checkpointer(tmp_path / "steps" / "checkpoints").steps() == [3]  # the final step only
+    config.checkpoint.every_minutes = 1e-6  # due at every step boundary
+    train.run(setup, config, tmp_path / "minutes")
+    assert Checkpointer(tmp_path / "minutes" / "checkpoints").steps() == [1, 2, 3]
 
 
 def test_evaluate_table_of_checkpoints(reference, tmp_path):
@@ -305,6 +493,16 @@ def test_evaluate_table_of_checkpoints(reference, tmp_path):
     assert "Composite" in md.read_text() and workdir.name in csv.read_text()
     with pytest.raises(FileNotFoundError, match="no_run"):
         evaluate.evaluate_runs(setup, config, [tmp_path / "no_run"])
+    # Scored with another command-line config (LoRA alpha, rewards): each run is restored and sampled with its own
+    # config.json, so its row is still its final evaluation
+    other = tiny_config.get_config(config.model.world_dir)
+    other.lora.alpha = 4 * config.lora.alpha
+    other.rewards = ("world_geneval", "world_ocr")
+    own_setup, own_config = evaluate.run_setup(experiment.build_setup(other), other, workdir)
+    assert own_setup.lora_spec.alpha == config.lora.alpha and list(own_config.rewards) == list(config.rewards)
+    rows = evaluate.evaluate_runs(experiment.build_setup(other), other, [workdir])
+    for reward in other.rewards:
+        np.testing.assert_allclose(rows[workdir.name][reward], evals[-1][reward], rtol=1e-5, equal_nan=True)
 
 
 def test_full_finetuning_trains_every_weight(reference, tmp_path):

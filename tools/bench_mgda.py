@@ -1,6 +1,6 @@
 """Our jitted ``mgda_weights`` update against torchjd's MGDA on the same [K, D] Jacobian.
 
-    python tools/bench_mgda.py [--ks 5,16] [--ds 1e6,1e7] [--repeats 10]
+    python tools/bench_mgda.py [--ks 5,16] [--ds 1e6,1e7] [--repeats 10] [--tree | --no-flat --tree] [--leaves 200]
 
 Both aggregate K gradients of D parameters into one vector: the Gram matrix, the min-norm
 weights, the weighted sum. Printed: time of each, their ratio, the memory-bandwidth floor (the
@@ -9,6 +9,16 @@ or the Gram matrix's FLOPs at the measured GEMM rate when that is slower)
 and our time over that floor, and each result's objective excess ``||J^T lam||^2 - ||J^T lam*||^2``
 over the exact optimum (quadprog, float64), in units of the mean squared gradient norm (float32
 rounding of a D-long dot product puts the floor of that figure near 1e-7 to 1e-6).
+
+Timing: each repeat runs ours, torchjd and the bandwidth copy back to back, and each keeps its best
+time, so that load from other processes on the machine hits all three alike. The copy runs in
+place (its input buffer donated): a copy into a fresh buffer of more than glibc's 32 MiB mmap
+threshold page-faults its whole output on every call and measured a few GB/s, a floor several
+times too lenient at D = 1e7.
+
+``--tree``: a second table on a LoRA-like pytree of ``--leaves`` leaves of four shapes (rank 16 times
+h and 4h, both orientations) totalling about D: ours takes the tree, torchjd the same gradients
+concatenated into one [K, D] matrix (the concatenation not timed; torchjd's MGDA takes a matrix).
 """
 
 from __future__ import annotations
@@ -26,29 +36,37 @@ from torchjd.aggregation import MGDA
 from marble_jax import mgda
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_best(fns: dict, repeats: int) -> dict:
+    """Best time of each callable, the callables run back to back within each repeat (one warm-up call each)."""
+    for fn in fns.values():
         fn()
-        best = min(best, time.perf_counter() - start)
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
-def copy_bandwidth(nbytes: int, repeats: int) -> float:
-    """Bytes moved per second (read + write) by a jitted copy of an ``nbytes`` float32 array."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    copy = jax.jit(lambda a: a * 1.0)
-    t = best_time(lambda: copy(x).block_until_ready(), repeats)
-    return 2 * nbytes / t
+def inplace_copy(nbytes: int):
+    """A jitted in-place (donated) float32 copy ``a * s`` of ``nbytes``: it moves 2 nbytes (read + write)."""
+    buf = [jnp.ones((nbytes // 4,), jnp.float32)]
+    scale = jnp.float32(1.0)  # traced, so that XLA cannot drop the multiply
+    copy = jax.jit(lambda a, s: a * s, donate_argnums=0)
+
+    def run():
+        buf[0] = copy(buf[0], scale)
+        buf[0].block_until_ready()
+
+    return run
 
 
 def gemm_rate(repeats: int, n: int = 2048) -> float:
     """FLOP/s of a jitted float32 [n, n] x [n, n] matmul: the machine's compute ceiling."""
     a = jnp.ones((n, n), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
-    return 2 * n**3 / best_time(lambda: mm(a).block_until_ready(), repeats)
+    return 2 * n**3 / interleaved_best({"mm": lambda: mm(a).block_until_ready()}, repeats)["mm"]
 
 
 def exact_objective(gram: np.ndarray) -> float:
@@ -72,24 +90,54 @@ def conflicting_jacobian(k: int, d: int, seed: int = 0) -> np.ndarray:
     return jac
 
 
-def bench_case(k: int, d: int, repeats: int) -> str:
-    """One table row: torchjd and ours on the same conflicting [K, D] Jacobian."""
+def lora_shapes(d: int, leaves: int, rank: int = 16) -> list[tuple[int, int]]:
+    """``leaves`` shapes, a quarter each of (r, h), (h, r), (r, 4h), (4h, r), totalling about d."""
+    per = max(leaves // 4, 1)
+    h = max(1, round(d / (per * rank * 10)))
+    return [(rank, h)] * per + [(h, rank)] * per + [(rank, 4 * h)] * per + [(4 * h, rank)] * per
+
+
+def as_tree(jac: np.ndarray, shapes: list[tuple[int, int]]) -> dict:
+    """The columns of ``jac [K, D]`` cut into leaves ``[K, *shape]`` (D = the shapes' total)."""
+    k, out, start = jac.shape[0], {}, 0
+    for i, shape in enumerate(shapes):
+        size = int(np.prod(shape))
+        out[f"leaf{i:03d}"] = jnp.asarray(jac[:, start : start + size].reshape(k, *shape))
+        start += size
+    return out
+
+
+def bench_case(k: int, d: int, repeats: int, rate: float, leaves: int | None = None) -> str:
+    """One table row: torchjd and ours on the same conflicting [K, D] Jacobian (ours on a pytree of it if leaves)."""
+    if leaves is not None:
+        shapes = lora_shapes(d, leaves)
+        d = sum(a * b for a, b in shapes)
     jac = conflicting_jacobian(k, d)
     gram = jac.astype(np.float64) @ jac.T.astype(np.float64)
     f_star, scale = exact_objective(gram), np.trace(gram) / k
     jt = torch.from_numpy(jac)
     agg = MGDA()
-    t_torchjd = best_time(lambda: agg(jt), repeats)
-    out_t = agg(jt).double().numpy()
     tx = mgda.mgda_weights(k, ema_decay=0.0, normalize=False, rescale=False)  # plain MGDA, as torchjd
     state = tx.init(None)
     update = jax.jit(lambda g, s: tx.update(g, s)[0])
-    jj = jnp.asarray(jac)
-    t_ours = best_time(lambda: update(jj, state).block_until_ready(), repeats)
-    out_o = np.asarray(update(jj, state), np.float64)
-    # Reading the gradients twice (Gram matrix, combination), or the Gram matrix's 2 K^2 D
-    # FLOPs at the measured GEMM rate, whichever is slower.
-    floor = max(2 * jac.nbytes / copy_bandwidth(jac.nbytes, repeats), 2 * k * k * d / gemm_rate(repeats))
+    ours_in = jnp.asarray(jac) if leaves is None else as_tree(jac, shapes)
+    best = interleaved_best(
+        {
+            "ours": lambda: jax.block_until_ready(update(ours_in, state)),
+            "torchjd": lambda: agg(jt),
+            "copy": inplace_copy(jac.nbytes),
+        },
+        repeats,
+    )
+    out_t = agg(jt).double().numpy()
+    out_o = update(ours_in, state)
+    if leaves is not None:
+        out_o = np.concatenate([np.asarray(out_o[name]).reshape(-1) for name in ours_in])
+    out_o = np.asarray(out_o, np.float64)
+    # Reading the gradients twice (Gram matrix, combination) at the copy's bandwidth (its time moves
+    # 2 nbytes), or the Gram matrix's 2 K^2 D FLOPs at the measured GEMM rate, whichever is slower.
+    floor = max(best["copy"], 2 * k * k * d / rate)
+    t_ours, t_torchjd = best["ours"], best["torchjd"]
     return (
         f"{k:>3}{d:>10.0e}{1e3 * t_torchjd:>12.2f}{1e3 * t_ours:>9.2f}{t_torchjd / t_ours:>9.2f}x"
         f"{1e3 * floor:>10.2f}{t_ours / floor:>10.2f}x"
@@ -102,13 +150,21 @@ def main():
     parser.add_argument("--ks", default="5,16")
     parser.add_argument("--ds", default="1e6,1e7")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--tree", action="store_true", help="also bench a LoRA-like pytree of --leaves leaves")
+    parser.add_argument("--no-flat", action="store_true", help="skip the flat [K, D] table")
+    parser.add_argument("--leaves", type=int, default=200)
     args = parser.parse_args()
+    rate = gemm_rate(args.repeats)
     header = ("K", "D", "torchjd ms", "ours ms", "speed-up", "floor ms", "ours/floor", "torchjd exc", "ours exc")
     widths = (3, 10, 12, 9, 10, 10, 11, 13, 10)
-    print("".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
-    for k in (int(x) for x in args.ks.split(",")):
-        for d in (int(float(x)) for x in args.ds.split(",")):
-            print(bench_case(k, d, args.repeats))
+    cases = [(k, d) for k in (int(x) for x in args.ks.split(",")) for d in (int(float(x)) for x in args.ds.split(","))]
+    tables = ([] if args.no_flat else [None]) + ([args.leaves] if args.tree else [])
+    for leaves in tables:
+        title = "flat [K, D] Jacobian" if leaves is None else f"pytree of {leaves} leaves (4 shapes; torchjd: the [K, D] concat)"
+        print(title)
+        print("".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
+        for k, d in cases:
+            print(bench_case(k, d, args.repeats, rate, leaves), flush=True)
 
 
 if __name__ == "__main__":
