@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
@@ -24,6 +26,44 @@ log = logging.getLogger(__name__)
 
 class CheckpointReadError(RuntimeError):
     """A committed checkpoint that cannot be read (truncated, corrupted or missing files)."""
+
+
+def _retrying(read: Callable[[], Any], where: str, retries: int = 3, wait_s: float = 1.0) -> Any:
+    """``read()``, retried after an I/O error (``OSError``: a transient fault of a network filesystem) up to
+    ``retries`` times, waiting ``wait_s``, doubled each time; any other error, a missing file (a committed step is
+    written whole: one missing is damage, not a hiccup) or the last I/O error propagates."""
+    for attempt in range(retries + 1):
+        try:
+            return read()
+        except OSError as e:
+            if attempt == retries or isinstance(e, FileNotFoundError):
+                raise
+            log.warning("reading %s failed (%s: %s); retrying in %.0f s", where, type(e).__name__, e, wait_s * 2**attempt)
+            time.sleep(wait_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _all_processes(ok: bool) -> bool:
+    """True when ``ok`` is True on every process (every process gets the same answer)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _agreed_steps(steps: list[int]) -> list[int]:
+    """The steps every process sees (a step committed while another process listed the directory is left out)."""
+    if jax.process_count() == 1:
+        return steps
+    from jax.experimental import multihost_utils
+
+    n = int(np.max(multihost_utils.process_allgather(np.asarray(len(steps), np.int32))))
+    padded = np.full((max(n, 1),), -1, np.int64)
+    padded[: len(steps)] = steps
+    seen = np.asarray(multihost_utils.process_allgather(padded)).reshape(jax.process_count(), -1)
+    common = set(seen[0].tolist()).intersection(*(set(row.tolist()) for row in seen[1:])) - {-1}
+    return sorted(common)
 
 
 class Checkpointer:
@@ -63,17 +103,32 @@ class Checkpointer:
         dtypes and shardings of the state: a checkpoint written under another sharding is resharded,
         other dtypes are cast. Without ``step``, an unreadable checkpoint is skipped with a warning for
         the one before it; None if none is readable. A structure or shape mismatch raises ValueError.
+
+        With several processes every decision is shared: the candidate steps are those every process sees, a
+        step is restored only if every process can read it (else all of them try the one before), and the
+        unreadable steps are set aside by process 0 behind a barrier. A read that fails with an I/O error is
+        retried (``retries`` times, a network filesystem's hiccup) before the checkpoint counts as unreadable.
         """
         if step is not None:
             if step not in (steps := self.steps()):
                 raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step} (committed: {steps})")
-            return (step, *self._read(target, step))
+            self._check(target, step)
+            return (step, *self._load(target, step))
         unreadable = []
-        for s in reversed(self.steps()):
+        for s in reversed(_agreed_steps(self.steps())):
+            error = None
             try:
-                found = (s, *self._read(target, s))
+                self._check(target, s)
             except CheckpointReadError as e:
-                log.warning("%s; trying the previous checkpoint", e)
+                error = e
+            if _all_processes(error is None):
+                try:
+                    found = (s, *self._load(target, s))
+                except CheckpointReadError as e:
+                    error = e
+            if not _all_processes(error is None):
+                log.warning("%s; trying the previous checkpoint", error or f"checkpoint {self.directory}/{s} cannot be read "
+                            "by another process")  # fmt: skip
                 unreadable.append(s)
                 continue
             self._set_aside(unreadable)
@@ -82,21 +137,29 @@ class Checkpointer:
 
     def _set_aside(self, steps: list[int]) -> None:
         """Moves unreadable steps newer than the restored one to ``<directory>/unreadable/<step>`` (kept for
-        inspection), so the resumed run can save those steps again."""
-        if steps and jax.process_index() == 0:
+        inspection), so the resumed run can save those steps again: process 0 moves them, every process waits for
+        that, then reloads the step list."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
             aside = self.directory / "unreadable"
             aside.mkdir(exist_ok=True)
             for s in steps:
                 target = aside / f"{s}.{int(time.time())}"
                 (self.directory / str(s)).rename(target)
                 log.warning("moved the unreadable checkpoint %s/%d to %s", self.directory, s, target)
-        if steps:
-            self._manager.reload()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
 
-    def _read(self, target: PyTree, step: int) -> tuple[PyTree, dict]:
+            multihost_utils.sync_global_devices(f"checkpoint set aside {steps}")
+        self._manager.reload()
+
+    def _check(self, target: PyTree, step: int) -> None:
+        """Reads ``step``'s metadata (this process alone, no collective) and checks it against ``target``."""
         where = f"{self.directory}/{step}"
         try:
-            saved = ocp.tree.to_flat_dict(self._manager.item_metadata(step)["state"].tree, sep="/")
+            metadata = _retrying(lambda: self._manager.item_metadata(step), where)
+            saved = ocp.tree.to_flat_dict(metadata["state"].tree, sep="/")
         except Exception as e:
             raise CheckpointReadError(f"checkpoint {where} cannot be read: {type(e).__name__}: {e}") from e
         wanted = ocp.tree.to_flat_dict(target, sep="/")
@@ -108,9 +171,12 @@ class Checkpointer:
                 f"checkpoint {where} does not match the target ({len(missing)} keys missing, {len(extra)} not in the target, "
                 f"{len(other)} shapes differ): missing {missing[:5]}, not in the target {extra[:5]}, saved shapes {other[:5]}"
             )
+
+    def _load(self, target: PyTree, step: int) -> tuple[PyTree, dict]:
+        where = f"{self.directory}/{step}"
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         try:
-            restored = self._manager.restore(step, args=args)
+            restored = _retrying(lambda: self._manager.restore(step, args=args), where)
         except Exception as e:
             raise CheckpointReadError(f"checkpoint {where} cannot be read: {type(e).__name__}: {e}") from e
         return restored["state"], restored["meta"]

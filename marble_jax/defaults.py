@@ -30,6 +30,7 @@ def get_config(scale: str = "world") -> ml_collections.ConfigDict:
     if scale not in SCALES:
         raise ValueError(f"config scale must be one of {SCALES}, got {scale!r} (e.g. --config=configs/k5.py:sd35)")
     c = ml_collections.ConfigDict()
+    c.scale = scale  # world | sd35: what the defaults below were chosen for (sd35 needs model.path)
     c.seed = 0
     c.total_epochs = 300  # optimizer steps (one per epoch)
     c.method = "marble_amortized"  # single | weighted_sum | sequential | marble | marble_amortized | marble_gram | dpo

@@ -166,11 +166,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for key, value in (("sample.method", s.method), ("eval.method", config.eval.method)):
         if value not in sampling.METHODS:
             raise ValueError(f"config.{key} = {value!r} is not one of {sampling.METHODS}")
-    scaled = [n for n in names if not n.startswith("world_")]
-    if scaled and not config.model.path:
+    if config.get("scale") == "sd35" and not config.model.path:
         raise ValueError(
-            f"config.rewards {scaled} score real images, but config.model.path is empty (which trains the embedded "
-            "32-px world): give --config.model.path=<an SD3.5 snapshot>, or use the world's rewards (world_*)"
+            "config.scale = 'sd35' (the paper's run: --config=...:sd35) needs config.model.path, an SD3.5 snapshot; "
+            "without it the run would train the embedded 32-px world under the real rewards' names"
         )
 
 

@@ -266,3 +266,37 @@ def test_kill_9_during_an_async_save_keeps_the_last_committed_step(tmp_path):
 
 if __name__ == "__main__":
     {"reshard": reshard_child, "kill": kill_child}[sys.argv[1]](sys.argv[2])
+
+
+def test_transient_read_errors_are_retried_and_corruption_is_not(tmp_path, monkeypatch):
+    """An I/O error (a network filesystem's hiccup) is retried; a step that keeps failing, or a corrupt one, is
+    unreadable and the previous step is restored."""
+    from marble_jax import checkpoint
+
+    monkeypatch.setattr(checkpoint.time, "sleep", lambda s: None)
+    state = {"w": jnp.arange(4.0)}
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, state)
+        ckpt.save(2, {"w": state["w"] + 1})
+    calls = {"n": 0}
+    flaky = Checkpointer(tmp_path, async_save=False)
+    original = flaky._manager.item_metadata
+
+    def twice_then_ok(step):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise OSError("Stale file handle")
+        return original(step)
+
+    monkeypatch.setattr(flaky._manager, "item_metadata", twice_then_ok)
+    step, restored, _ = flaky.restore(state)
+    assert step == 2 and calls["n"] == 3 and np.array_equal(restored["w"], state["w"] + 1)
+    flaky.close()
+    broken = Checkpointer(tmp_path, async_save=False)
+    original = broken._manager.item_metadata
+    monkeypatch.setattr(
+        broken._manager, "item_metadata", lambda s: (_ for _ in ()).throw(OSError("gone")) if s == 2 else original(s)
+    )
+    step, restored, _ = broken.restore(state)
+    assert step == 1 and (tmp_path / "unreadable").is_dir()
+    broken.close()

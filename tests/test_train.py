@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_config
-from helpers import save_tiny_world
+from helpers import save_tiny_clip, save_tiny_world
 
 from marble_jax import evaluate, experiment, results_table, sampling, sharding, train
 from marble_jax.checkpoint import Checkpointer
@@ -285,7 +285,7 @@ def test_bad_inputs_fail_before_compute(world, tmp_path):
         ("old_policy_schedule", 3, r"config.old_policy_schedule = 3"),
         ("sample.method", "heun", r"config.sample.method = 'heun'"),
         ("eval.method", "ddim", r"config.eval.method = 'ddim'"),
-        ("rewards", ("pickscore", "world_ocr"), r"\['pickscore'\].*config.model.path is empty"),
+        ("scale", "sd35", r"config.scale = 'sd35'.*needs config.model.path"),
     ):
         bad = tiny_config.get_config(str(world))
         *parents, leaf = key.split(".")
@@ -312,7 +312,7 @@ def test_main_checks_the_config_before_loading_a_model_and_names_its_workdir(tmp
         timeout=300,
         cwd=ROOT,
     )
-    assert proc.returncode != 0 and "config.model.path is empty" in proc.stderr + proc.stdout
+    assert proc.returncode != 0 and "needs config.model.path" in proc.stderr + proc.stdout
     assert "loading" not in (proc.stderr + proc.stdout).lower() and time.perf_counter() - started < 120
 
 
@@ -430,6 +430,65 @@ def _two_processes(workdir: Path, world: Path, *overrides: str) -> list[subproce
     return [_main(workdir, world, *flags, *overrides, f"--process_id={i}", env=env) for i in range(2)]
 
 
+def test_jax_reward_on_two_processes_scores_each_process_rows(reference, tmp_path):
+    """A JAX reward (a tiny CLIPScore, sharded over the devices) on two ``jax.distributed`` processes: each scores the
+    rows it holds, the gathered scores equal one process scoring them all; and a 2-process run training on it ends
+    where the 1-process run does."""
+    config, _, _, _ = reference
+    save_tiny_clip(tmp_path / "clip", processor=dict(size=36, crop_size=32))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(8, 40, 48, 3), dtype=np.uint8)
+    prompts = [f"a {c} thing" for c in ("red", "green", "blue", "small", "large", "round", "square", "bright")]
+    np.save(tmp_path / "images.npy", images)
+    script = f"""
+import sys, json, numpy as np, jax
+from marble_jax import sharding
+from marble_jax.rewards import clip_scores
+pid = int(sys.argv[1])
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[2], 2, pid)
+images, prompts = np.load({str(tmp_path / "images.npy")!r}), {prompts!r}
+rows = np.arange(4 * pid, 4 * pid + 4)  # the trainer hands each process its own rows
+fn = clip_scores.clipscore(path={str(tmp_path / "clip")!r}, batch_size=2)
+scores = sharding.gather_rows(rows, fn(images[rows], [prompts[i] for i in rows], [None] * 4), 8)
+if pid == 0:
+    json.dump(scores.tolist(), open({str(tmp_path / "scores.json")!r}, "w"))
+"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i), address], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+    from marble_jax.rewards import clip_scores
+
+    one = clip_scores.clipscore(path=str(tmp_path / "clip"), batch_size=2)(images, prompts, [None] * 8)
+    # the same per-image computation in other batches: equal up to float32 rounding of a batch's reductions
+    np.testing.assert_allclose(json.loads((tmp_path / "scores.json").read_text()), one, rtol=1e-5)
+
+    world = f"{config.model.world_dir}|{tmp_path / 'clip'}"
+    flags = ["--config.total_epochs=2", "--config.eval.every=100"]
+    single = _main(tmp_path / "one", world, *flags)
+    out = single.communicate(timeout=600)[0]
+    assert single.returncode == 0, out[-3000:]
+    procs = _two_processes(tmp_path / "two", world, *flags)
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+    train_scores = [[m["train/clipscore"] for m in _metrics(tmp_path / d)] for d in ("one", "two")]
+    np.testing.assert_allclose(train_scores[1], train_scores[0], rtol=1e-4)
+    c = tiny_config.get_config(world)
+    c.total_epochs = 2
+    setup = experiment.build_setup(c)
+    a, b = (final_state(setup, c, tmp_path / d).params for d in ("one", "two"))
+    moved = max(float(np.abs(x["b"]).max()) for x in a.values())
+    diff = max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+    assert moved > 1e-4 and diff < 0.02 * moved, (diff, moved)  # as test_two_process_run_matches_one_device
+
+
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(reference, tmp_path):
     """SIGTERM to process 1 only: both processes save the same step and exit 0; rerunning both resumes and ends
     where an uninterrupted run does."""
@@ -442,7 +501,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(reference, 
         assert p.returncode == 0, out[-3000:]
         assert "stopped at step" in out
     assert "1/4" not in outs[1] and "received SIGTERM" in outs[1]
-    stopped = [int(out.split("stopped at step ")[1].split(";")[0]) for out in outs]
+    stopped = [int(out.split("stopped at step ")[1].split()[0]) for out in outs]
     assert stopped[0] == stopped[1] < 4 and max(Checkpointer(tmp_path / "checkpoints").steps()) == stopped[0]
     procs = _two_processes(tmp_path, Path(config.model.world_dir))
     outs = [p.communicate(timeout=900)[0] for p in procs]
@@ -454,6 +513,50 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(reference, 
     pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params), strict=True)
     diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in pairs)
     assert diff < 0.02 * moved, (diff, moved)  # as test_two_process_run_matches_one_device
+
+
+def test_restore_agreed_when_one_process_cannot_read_the_newest_checkpoint(reference, tmp_path):
+    """Process 1 cannot read step 3 (process 0 can): both fall back to step 2, together, and finish the run."""
+    config, _, _, _ = reference
+    world = config.model.world_dir
+    procs = _two_processes(tmp_path, Path(world), "--config.total_epochs=3", "--config.eval.every=100")
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+    assert Checkpointer(tmp_path / "checkpoints").steps() == [1, 2, 3]
+    script = f"""
+import sys, logging, jax
+sys.path.insert(0, {str(ROOT / "tests")!r})
+import tiny_config
+from marble_jax import checkpoint, experiment, sharding, train
+logging.basicConfig(level=logging.INFO)
+logging.getLogger("marble_jax").setLevel(logging.INFO)
+pid = int(sys.argv[1])
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[2], 2, pid)
+if pid == 1:
+    check = checkpoint.Checkpointer._check
+    def unreadable_3(self, target, step):
+        if step == 3:
+            raise checkpoint.CheckpointReadError("process 1 cannot read step 3")
+        return check(self, target, step)
+    checkpoint.Checkpointer._check = unreadable_3
+c = tiny_config.get_config({world!r})
+c.mesh.data, c.total_epochs, c.eval.every = 2, 4, 100
+state = train.run(experiment.build_setup(c), c, {str(tmp_path)!r})
+print("final step", int(sharding.to_host(state.step)))
+"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i), address], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+        assert "resumed from" in out and "step 2" in out.split("resumed from")[1].splitlines()[0], out[-3000:]
+        assert "final step 4" in out
+    assert "process 1 cannot read step 3" in outs[1] and "cannot be read by another process" in outs[0]
 
 
 def test_second_signal_aborts_at_once(reference, tmp_path):

@@ -1,11 +1,17 @@
 """A seconds-per-step training config for the trainer tests: a tiny random world model (built by
-``helpers.save_tiny_world``) at ``get_config("<world_dir>")``, 2 prompts x 4 images, 4 sampler steps, K = 3."""
+``helpers.save_tiny_world``) at ``get_config("<world_dir>")``, 2 prompts x 4 images, 4 sampler steps, K = 3.
+``get_config("<world_dir>|<clip_dir>")`` trains on GenEval and a JAX reward instead: CLIPScore of the tiny
+transformers CLIP in ``clip_dir`` (``helpers.save_tiny_clip``)."""
 
 from marble_jax import defaults
 
 
 def get_config(world_dir: str = ""):
-    config = defaults.with_rewards(defaults.get_config("world"), ("world_geneval", "world_ocr", "world_aesthetic"))
+    world_dir, _, clip_dir = world_dir.partition("|")
+    names = ("world_geneval", "clipscore") if clip_dir else ("world_geneval", "world_ocr", "world_aesthetic")
+    config = defaults.with_rewards(defaults.get_config("world"), names)
+    if clip_dir:
+        config.reward_options.clipscore = {"path": clip_dir, "batch_size": 2}
     config.method = "marble_amortized"
     config.model.world_dir = world_dir
     config.total_epochs = 4

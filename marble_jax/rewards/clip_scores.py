@@ -168,15 +168,17 @@ class ShardedBatches:
 
     Each batch holds ``batch_size`` rows (or all rows, when fewer), rounded up to a multiple of the device
     count; the last one is zero-padded to that size (one compiled shape per input shape) and its padding
-    cut from the result. Batches are placed with :func:`marble_jax.sharding.batch_sharding` over all
-    devices, the parameters replicated once.
+    cut from the result. Batches are placed with :func:`marble_jax.sharding.batch_sharding` over this
+    process's devices, the parameters replicated once: with several processes (``jax.distributed``) each
+    scores the rows it was given, whole, with no collective between processes (the trainer hands each its
+    own rollouts).
     """
 
     def __init__(self, score_fn: Callable[..., jax.Array], params: PyTree, batch_size: int):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
-        self.mesh = sharding.make_mesh()
+        self.mesh = sharding.make_mesh(devices=jax.local_devices())
         self.params = jax.device_put(params, sharding.replicated(self.mesh))
         self.fn = jax.jit(score_fn)
 
