@@ -8,6 +8,7 @@ axis and replicated over ``data``; leaves too small to be worth splitting stay r
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jax
@@ -16,11 +17,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 PyTree = Any
 BATCH_AXES = ("data", "fsdp")
+log = logging.getLogger(__name__)
 
 
 def make_mesh(data: int | None = None, fsdp: int | None = None, devices=None) -> Mesh:
     """A ``(data, fsdp)`` mesh over ``devices`` (default all). Give one size or both; by default
-    all devices go to ``fsdp``."""
+    all devices go to ``fsdp``.
+
+    Over several hosts (processes) the mesh is hybrid (``mesh_utils.create_hybrid_device_mesh``): ``data`` spans the
+    hosts over the slower data-centre network, each host's devices hold whole ``fsdp`` groups, so the parameter
+    all-gathers stay on the fast links within a host and only gradients cross hosts. That needs ``data`` to be a
+    multiple of the hosts and ``fsdp`` to divide each host's device count; otherwise the devices are laid out in
+    order, with a warning.
+    """
     devices = np.asarray(jax.devices() if devices is None else devices)
     n = devices.size
     if data is None and fsdp is None:
@@ -31,6 +40,16 @@ def make_mesh(data: int | None = None, fsdp: int | None = None, devices=None) ->
         fsdp = n // data
     if data * fsdp != n:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} does not match the {n} devices")
+    hosts = len({d.process_index for d in devices.flat})
+    if hosts > 1:
+        if data % hosts == 0:
+            from jax.experimental import mesh_utils
+
+            grid = mesh_utils.create_hybrid_device_mesh(
+                (data // hosts, fsdp), (hosts, 1), list(devices.flat), process_is_granule=True
+            )
+            return Mesh(grid, BATCH_AXES)
+        log.warning("mesh data=%d over %d hosts: fsdp groups cross hosts (make data a multiple of the hosts)", data, hosts)
     return Mesh(devices.reshape(data, fsdp), BATCH_AXES)
 
 

@@ -636,6 +636,10 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
                 if bool(metrics["skipped"]):
                     log.warning("step %d: the update direction is not finite, update skipped (weights untouched)", step)
             times.append(time.perf_counter() - t0)
+            if writes and len(times) == 1:
+                log.info(
+                    "step %d took %.1fs, compiling included (once per session; left out of the step times)", step + 1, times[0]
+                )
             scalars = _flat_metrics(metrics, names)
             scalars.update(
                 {f"train/{n}": float(np.nanmean(rewards[i])) for i, n in enumerate(names) if np.isfinite(rewards[i]).any()}
@@ -681,8 +685,11 @@ def _flat_metrics(metrics: dict, names: Sequence[str]) -> dict[str, float]:
 
 
 def _progress(step: int, total: int, times: list[float], scalars: dict, names: Sequence[str]) -> None:
-    """One console line: a bar, step time (median of the last 10, compilation excluded), ETA, loss and rewards."""
-    recent = sorted(times[-10:])[len(times[-10:]) // 2]
+    """One console line: a bar, step time (median of the last 10, the session's first step and its compilation
+    excluded once there are others), ETA, loss and rewards; ``step`` counts from the run's start (a resumed run's
+    bar starts at its restored step)."""
+    steady = times[1:][-10:] or times
+    recent = sorted(steady)[len(steady) // 2]
     eta = recent * (total - step)
     width = 20
     filled = int(width * step / total)

@@ -448,6 +448,8 @@ pid = int(sys.argv[1])
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(sys.argv[2], 2, pid)
 images, prompts = np.load({str(tmp_path / "images.npy")!r}), {prompts!r}
+mesh = sharding.make_mesh(2, 1)  # hybrid: data across the two hosts
+assert [[d.process_index for d in row] for row in mesh.devices] == [[0], [1]], mesh.devices
 rows = np.arange(4 * pid, 4 * pid + 4)  # the trainer hands each process its own rows
 fn = clip_scores.clipscore(path={str(tmp_path / "clip")!r}, batch_size=2)
 scores = sharding.gather_rows(rows, fn(images[rows], [prompts[i] for i in rows], [None] * 4), 8)
@@ -503,6 +505,32 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(reference, 
     assert "1/4" not in outs[1] and "received SIGTERM" in outs[1]
     stopped = [int(out.split("stopped at step ")[1].split()[0]) for out in outs]
     assert stopped[0] == stopped[1] < 4 and max(Checkpointer(tmp_path / "checkpoints").steps()) == stopped[0]
+    procs = _two_processes(tmp_path, Path(config.model.world_dir))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+        assert "resumed from" in out
+    state = final_state(setup, config, tmp_path)
+    moved = max(float(np.abs(x["b"]).max()) for x in ref.params.values())
+    pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params), strict=True)
+    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in pairs)
+    assert diff < 0.02 * moved, (diff, moved)  # as test_two_process_run_matches_one_device
+
+
+def test_kill_9_of_one_of_two_processes_then_rerun_both(reference, tmp_path):
+    """kill -9 of process 1 mid-run (process 0 is then stopped too, as a job scheduler would), then both rerun: the
+    run resumes from the last agreed checkpoint and ends where an uninterrupted run does."""
+    config, setup, ref, _ = reference
+    procs = _two_processes(tmp_path, Path(config.model.world_dir))
+    _wait_for(procs[0], "2/4")
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait(timeout=60)
+    try:
+        procs[0].wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        procs[0].wait(timeout=60)
+    assert max(Checkpointer(tmp_path / "checkpoints").steps()) < 4
     procs = _two_processes(tmp_path, Path(config.model.world_dir))
     outs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):
