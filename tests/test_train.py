@@ -144,6 +144,10 @@ def test_workdir_of_another_run_is_refused_unless_overwrite(world, tmp_path):
     train.run(setup, config, tmp_path, overwrite=True)
     assert json.loads((tmp_path / "config.json").read_text())["config"]["seed"] == 7
     assert [m["step"] for m in _metrics(tmp_path)] == [1]
+    # with a checkpoint, a config collision is named before any restore (not reported as a shape mismatch)
+    config.lora.rank = 2 * config.lora.rank
+    with pytest.raises(ValueError, match=r"config differs in \['lora.rank'\]"):
+        train.run(experiment.build_setup(config), config, tmp_path)
 
 
 def test_nonfinite_direction_skips_the_update(reference, tmp_path, caplog):
@@ -236,6 +240,9 @@ def test_sigterm_saves_and_kill9_resumes(reference, tmp_path):
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
     assert "resumed from" in out
+    # the bar resumes at the restored step; the session's first step (its compilation) is reported apart
+    resumed = int(out.split("resumed from")[1].split("step")[1].split()[0])
+    assert f"step {resumed + 1} took" in out and "compiling included" in out and f"] {resumed + 1}/4" in out
     assert_same_params(final_state(setup, config, tmp_path).params, ref.params)
 
 
