@@ -598,11 +598,12 @@ def test_second_signal_aborts_at_once(reference, tmp_path):
     config, _, _, _ = reference
     proc = _main(tmp_path, Path(config.model.world_dir))
     _wait_for(proc, "1/4")
+    # Two different signals back to back (two of the same may merge into one while pending): Python runs both
+    # handlers before the loop's next step boundary, and the second aborts.
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert proc.returncode in (128 + signal.SIGTERM, 128 + signal.SIGINT), out[-3000:]
     assert "aborting now" in out and "stopped at step" not in out
 
 
