@@ -73,13 +73,15 @@ def evaluate_runs(
       FileNotFoundError: a workdir without a readable checkpoint (or without ``step``), or without its config.json.
     """
     mesh = train.run_mesh(config)
-    evaluators: dict[int, Evaluator] = {}
+    placed_setups: dict[int, tuple[Evaluator, PyTree, PyTree]] = {}
 
     def placed(s: Setup) -> tuple[Evaluator, PyTree, PyTree]:
-        if id(s) not in evaluators:
-            evaluators[id(s)] = Evaluator(s, config, mesh)
-        base = jax.device_put(s.base_params, sharding.param_shardings(s.base_params, mesh))
-        return evaluators[id(s)], base, jax.device_put(s.decode_params, sharding.replicated(mesh))
+        """The evaluator of ``s`` and its base and decoder parameters on the mesh, placed once per setup."""
+        if id(s) not in placed_setups:
+            base = jax.device_put(s.base_params, sharding.param_shardings(s.base_params, mesh))
+            decode = jax.device_put(s.decode_params, sharding.replicated(mesh))
+            placed_setups[id(s)] = (Evaluator(s, config, mesh), base, decode)
+        return placed_setups[id(s)]
 
     evaluator, base, decode_params = placed(setup)
     rows = {"base": evaluator.scores(evaluator.images(None, base, decode_params))}

@@ -255,12 +255,12 @@ def _reward_weights(rewards: Array, num_groups: int, config: ml_collections.Conf
     return advantages.reward_weights(rewards, groups, num_groups, **kw)
 
 
-def live_rewards(rewards: Array, config: ml_collections.ConfigDict) -> Array:
-    """``[K]`` bools: the rewards with an advantage signal in this batch. A reward that applies to no sample, or ties
-    everywhere, has r = 0.5 on every sample: its policy gradient is then the neutral h = (s / 2B) sum_b grad (P_b +
-    N_b), shared by every such reward and zero only at theta = theta_old. It carries no reward signal and is left
-    out of the balance."""
-    return jnp.any(_reward_weights(rewards, config.sample.prompts_per_epoch, config) != 0.5, axis=1)
+def live_rewards(r_all: Array) -> Array:
+    """``[K]`` bools of the weights ``r_all [K, B]``: the rewards with an advantage signal in this batch. A reward
+    that applies to no sample, or ties everywhere, has r = 0.5 on every sample: its policy gradient is then the
+    neutral h = (s / 2B) sum_b grad (P_b + N_b), shared by every such reward and zero only at theta = theta_old. It
+    carries no reward signal and is left out of the balance."""
+    return jnp.any(r_all != 0.5, axis=1)
 
 
 def optimality_weights(
@@ -350,7 +350,7 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.G
             r_m = jnp.moveaxis(jax.vmap(lambda row: _micro(row, timesteps, train_batch))(r_applied), 0, 1)
         else:
             r_m = _micro(r_applied, timesteps, train_batch)
-        live = jnp.any(r_all != 0.5, axis=1)  # live_rewards
+        live = live_rewards(r_all)
         direction = balance.accumulated_direction(
             velocity, state.params, cond, inputs, r_m, state.mgda, nft, bal, solve=solve, mask=live
         )
@@ -564,7 +564,7 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
         out_shardings=(state_sh, rep),
         donate_argnums=(0,),
     )
-    live_fn = jax.jit(lambda r: live_rewards(r, config))
+    live_fn = jax.jit(lambda r: live_rewards(_reward_weights(r, s.prompts_per_epoch, config)))
     embed = EmbeddingCache(setup.encode)
     weights = np.array([float(config.reward_weights.get(n, 1.0)) for n in names], np.float32)
     # TensorBoard event files (process 0); the console gets the progress line and the evaluations.

@@ -413,6 +413,25 @@ json.dump(out, open({str(tmp_path / "out.json")!r}, "w"))
     assert json.loads((tmp_path / "out.json").read_text()) == {"4": True, "1": True, "resumed": 3}
 
 
+def assert_as_one_device(params, ref_params, min_moved: float = 0.0) -> None:
+    """``params`` of a multi-process run against the 1-device ``ref_params``: the run trained (LoRA B, which starts at
+    0, moved by more than ``min_moved``) and ends within 2% of that movement of the reference. Not bitwise, as in
+    test_sharded_runs_match_one_device: reductions sum in another order across processes."""
+    moved = max(float(np.abs(x["b"]).max()) for x in ref_params.values())
+    pairs = zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True)
+    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in pairs)
+    assert moved > min_moved and diff < 0.02 * moved, (diff, moved)
+
+
+def _rerun_both_to_the_end(workdir: Path, world: Path) -> None:
+    """Reruns both processes of an interrupted 2-process run: both resume and exit 0."""
+    procs = _two_processes(workdir, world)
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+        assert "resumed from" in out
+
+
 def test_two_process_run_matches_one_device(reference, tmp_path):
     """Two ``jax.distributed`` processes (one CPU device each, gloo collectives) on a data 2 x fsdp 1 mesh."""
     config, setup, ref, _ = reference
@@ -421,20 +440,29 @@ def test_two_process_run_matches_one_device(reference, tmp_path):
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
     assert "process 1 of 2" in outs[1]
-    state = final_state(setup, config, tmp_path)
-    moved = max(float(np.abs(x["b"]).max()) for x in ref.params.values())  # LoRA B starts at 0
-    pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params), strict=True)
-    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in pairs)
-    assert moved > 1e-3 and diff < 0.02 * moved, (diff, moved)
+    assert_as_one_device(final_state(setup, config, tmp_path).params, ref.params, min_moved=1e-3)
+
+
+def _coordinator() -> tuple[str, dict[str, str]]:
+    """``(address, env)`` for two local ``jax.distributed`` processes of one CPU device each."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    return address, {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
 def _two_processes(workdir: Path, world: Path, *overrides: str) -> list[subprocess.Popen]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    flags = ["--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--config.mesh.data=2"]
+    address, env = _coordinator()
+    flags = ["--distributed", f"--coordinator_address={address}", "--num_processes=2", "--config.mesh.data=2"]
     return [_main(workdir, world, *flags, *overrides, f"--process_id={i}", env=env) for i in range(2)]
+
+
+def _script_on_two_processes(script: str, timeout: float) -> tuple[list[subprocess.Popen], list[str]]:
+    """Runs ``python -c script <process id> <coordinator address>`` as two processes; returns them and their output."""
+    address, env = _coordinator()
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i), address], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]  # fmt: skip
+    return procs, [p.communicate(timeout=timeout)[0] for p in procs]
 
 
 def test_jax_reward_on_two_processes_scores_each_process_rows(reference, tmp_path):
@@ -463,13 +491,7 @@ scores = sharding.gather_rows(rows, fn(images[rows], [prompts[i] for i in rows],
 if pid == 0:
     json.dump(scores.tolist(), open({str(tmp_path / "scores.json")!r}, "w"))
 """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(i), address], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]  # fmt: skip
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    procs, outs = _script_on_two_processes(script, timeout=600)
     assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
     from marble_jax.rewards import clip_scores
 
@@ -490,12 +512,8 @@ if pid == 0:
     c = tiny_config.get_config(world)
     c.total_epochs = 2
     setup = experiment.build_setup(c)
-    a, b = (final_state(setup, c, tmp_path / d).params for d in ("one", "two"))
-    moved = max(float(np.abs(x["b"]).max()) for x in a.values())
-    diff = max(
-        float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    )
-    assert moved > 1e-4 and diff < 0.02 * moved, (diff, moved)  # as test_two_process_run_matches_one_device
+    one, two = (final_state(setup, c, tmp_path / d).params for d in ("one", "two"))
+    assert_as_one_device(two, one, min_moved=1e-4)
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(reference, tmp_path):
@@ -512,16 +530,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(reference, 
     assert "1/4" not in outs[1] and "received SIGTERM" in outs[1]
     stopped = [int(out.split("stopped at step ")[1].split()[0]) for out in outs]
     assert stopped[0] == stopped[1] < 4 and max(Checkpointer(tmp_path / "checkpoints").steps()) == stopped[0]
-    procs = _two_processes(tmp_path, Path(config.model.world_dir))
-    outs = [p.communicate(timeout=900)[0] for p in procs]
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out[-3000:]
-        assert "resumed from" in out
-    state = final_state(setup, config, tmp_path)
-    moved = max(float(np.abs(x["b"]).max()) for x in ref.params.values())
-    pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params), strict=True)
-    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in pairs)
-    assert diff < 0.02 * moved, (diff, moved)  # as test_two_process_run_matches_one_device
+    _rerun_both_to_the_end(tmp_path, Path(config.model.world_dir))
+    assert_as_one_device(final_state(setup, config, tmp_path).params, ref.params)
 
 
 def test_kill_9_of_one_of_two_processes_then_rerun_both(reference, tmp_path):
@@ -538,16 +548,8 @@ def test_kill_9_of_one_of_two_processes_then_rerun_both(reference, tmp_path):
         procs[0].kill()
         procs[0].wait(timeout=60)
     assert max(Checkpointer(tmp_path / "checkpoints").steps()) < 4
-    procs = _two_processes(tmp_path, Path(config.model.world_dir))
-    outs = [p.communicate(timeout=900)[0] for p in procs]
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out[-3000:]
-        assert "resumed from" in out
-    state = final_state(setup, config, tmp_path)
-    moved = max(float(np.abs(x["b"]).max()) for x in ref.params.values())
-    pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params), strict=True)
-    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in pairs)
-    assert diff < 0.02 * moved, (diff, moved)  # as test_two_process_run_matches_one_device
+    _rerun_both_to_the_end(tmp_path, Path(config.model.world_dir))
+    assert_as_one_device(final_state(setup, config, tmp_path).params, ref.params)
 
 
 def test_restore_agreed_when_one_process_cannot_read_the_newest_checkpoint(reference, tmp_path):
@@ -580,13 +582,7 @@ c.mesh.data, c.total_epochs, c.eval.every = 2, 4, 100
 state = train.run(experiment.build_setup(c), c, {str(tmp_path)!r})
 print("final step", int(sharding.to_host(state.step)))
 """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(i), address], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]  # fmt: skip
-    outs = [p.communicate(timeout=900)[0] for p in procs]
+    procs, outs = _script_on_two_processes(script, timeout=900)
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
         assert "resumed from" in out and "step 2" in out.split("resumed from")[1].splitlines()[0], out[-3000:]

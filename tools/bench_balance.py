@@ -118,9 +118,11 @@ def prepare(fn, args) -> tuple[Callable[[], None], float, float]:
     return run, float(cost.get("flops", 0.0)), float(mem.temp_size_in_bytes + mem.output_size_in_bytes)
 
 
-def interleaved_best(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+def interleaved_best(runs: dict[str, Callable[[], None]], repeats: int, warm_up: bool = False) -> dict[str, float]:
     """Best seconds per call of each ``run``, the modes taking turns in every repeat (so a slow spell of a shared
-    machine hits all of them, not one)."""
+    machine hits all of them, not one); ``warm_up``: one untimed call of each first (compilation)."""
+    for run in runs.values() if warm_up else ():
+        run()
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
         for name, run in runs.items():

@@ -24,29 +24,16 @@ concatenated into one [K, D] matrix (the concatenation not timed; torchjd's MGDA
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import quadprog
 import torch
+from bench_balance import interleaved_best  # tools/ is this script's directory
 from torchjd.aggregation import MGDA
 
 from marble_jax import mgda
-
-
-def interleaved_best(fns: dict, repeats: int) -> dict:
-    """Best time of each callable, the callables run back to back within each repeat (one warm-up call each)."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def inplace_copy(nbytes: int):
@@ -66,7 +53,7 @@ def gemm_rate(repeats: int, n: int = 2048) -> float:
     """FLOP/s of a jitted float32 [n, n] x [n, n] matmul: the machine's compute ceiling."""
     a = jnp.ones((n, n), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
-    return 2 * n**3 / interleaved_best({"mm": lambda: mm(a).block_until_ready()}, repeats)["mm"]
+    return 2 * n**3 / interleaved_best({"mm": lambda: mm(a).block_until_ready()}, repeats, warm_up=True)["mm"]
 
 
 def exact_objective(gram: np.ndarray) -> float:
@@ -128,6 +115,7 @@ def bench_case(k: int, d: int, repeats: int, rate: float, leaves: int | None = N
             "copy": inplace_copy(jac.nbytes),
         },
         repeats,
+        warm_up=True,
     )
     out_t = agg(jt).double().numpy()
     out_o = update(ours_in, state)
