@@ -398,24 +398,47 @@ def _direction_from_gradients(
     return Direction(update, h.state, jnp.all(jnp.isfinite(full)), metrics)
 
 
-def micro_mean(fn: Callable[..., PyTree], micro: tuple) -> PyTree:
-    """Mean over the leading axis M of ``micro``'s leaves of ``fn(*micro_m)``, accumulated under ``jax.lax.scan``
-    (one micro-batch's activations live at a time)."""
-    m = jax.tree.leaves(micro)[0].shape[0]
-    shapes = jax.eval_shape(fn, *jax.tree.map(lambda x: x[0], micro))
+class MicroBatches(NamedTuple):
+    """M micro-batches made inside the accumulation scan: ``get(i)`` (``i`` a traced int32 scalar) returns micro-batch
+    ``i``'s ``(cond, inputs, r, ...)``. Nothing of the M micro-batches is stacked up front: ``get`` gathers its rows by
+    index from the epoch's arrays (and may run the frozen forwards there), so memory beyond one micro-batch's
+    activations does not grow with M."""
+
+    count: int
+    get: Callable[[Array], tuple]
+
+    @classmethod
+    def stacked(cls, micro: tuple) -> MicroBatches:
+        """The micro-batches of a tuple whose leaves all have the leading axis M (index ``i`` of each leaf)."""
+        count = jax.tree.leaves(micro)[0].shape[0]
+        return cls(count, lambda i: jax.tree.map(lambda x: x[i], micro))
+
+    def map(self, fn: Callable[..., tuple]) -> MicroBatches:
+        """The micro-batches ``fn(*get(i))``."""
+        return MicroBatches(self.count, lambda i: fn(*self.get(i)))
+
+
+def _batches(micro: MicroBatches | tuple) -> MicroBatches:
+    return micro if isinstance(micro, MicroBatches) else MicroBatches.stacked(micro)
+
+
+def micro_mean(fn: Callable[..., PyTree], micro: MicroBatches | tuple) -> PyTree:
+    """Mean over the M micro-batches of ``fn(*micro_m)``, accumulated under ``jax.lax.scan`` (one micro-batch's
+    activations live at a time). ``micro``: :class:`MicroBatches`, or a tuple of leaves with the leading axis M."""
+    micro = _batches(micro)
+    if micro.count == 1:
+        return fn(*micro.get(jnp.zeros((), jnp.int32)))
+    shapes = jax.eval_shape(lambda i: fn(*micro.get(i)), jax.ShapeDtypeStruct((), jnp.int32))
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    if m == 1:
-        return fn(*jax.tree.map(lambda x: x[0], micro))
-    total, _ = jax.lax.scan(lambda acc, xs: (jax.tree.map(jnp.add, acc, fn(*xs)), None), init, micro)
-    return jax.tree.map(lambda x: x / m, total)
+    body = lambda acc, i: (jax.tree.map(jnp.add, acc, fn(*micro.get(i))), None)  # noqa: E731
+    total, _ = jax.lax.scan(body, init, jnp.arange(micro.count, dtype=jnp.int32))
+    return jax.tree.map(lambda x: x / micro.count, total)
 
 
 def accumulated_direction(
     velocity_fn: MicroVelocityFn,
     params: PyTree,
-    cond: PyTree,
-    inputs: NFTInputs,
-    r: Array,
+    micro: MicroBatches | tuple,
     state: mgda.MGDAState,
     nft: NFTConfig,
     cfg: BalanceConfig,
@@ -425,30 +448,34 @@ def accumulated_direction(
 ) -> Direction:
     """:func:`update_direction` of the mean loss over M micro-batches (e.g. the trained timesteps of a rollout batch).
 
-    Every leaf of ``cond`` (the micro-batch's conditioning, passed to ``velocity_fn(params, cond_m)``), of ``inputs``
-    and of ``r`` (``[M, B]`` or ``[M, K, B]``) has a leading axis M. The per-reward gradients (or the one weighted
-    gradient) are averaged over the micro-batches under ``jax.lax.scan`` before the MGDA solve, so the balance is
-    computed on the whole batch's gradients, with one micro-batch's activations in memory at a time.
+    ``micro``: :class:`MicroBatches` whose ``get(i)`` gives ``(cond, inputs, r)``, or that tuple with a leading axis
+    M on every leaf: ``cond`` is the micro-batch's conditioning, passed to ``velocity_fn(params, cond)``, and ``r``
+    is ``[B]`` or ``[K, B]``. The per-reward gradients (or the one weighted gradient) are averaged over the
+    micro-batches under ``jax.lax.scan`` before the MGDA solve, so the balance is computed on the whole batch's
+    gradients, with one micro-batch's activations in memory at a time.
     ``mask [K]``: the rewards live in this batch (all by default); the others are left out of a solve (see
     :func:`marble_jax.mgda.harmonize`) and get coefficient 0 on an amortised step, whose cached coefficients are
     renormalised over the live ones (:func:`marble_jax.mgda.coefficients`). A reward live now but not at the last
     solve has no cached coefficient: the caller solves instead when :func:`marble_jax.mgda.needs_solve` says so.
-    ``marble_gram`` runs each sample alone: every leaf of ``cond`` then also has the batch axis, ``[M, B, ...]``.
+    ``marble_gram`` runs each sample alone: every leaf of ``cond`` then also has the batch axis B.
     """
+    micro = _batches(micro)
+    _, _, r_shape = jax.eval_shape(micro.get, jax.ShapeDtypeStruct((), jnp.int32))
     if cfg.mode in ("single", "weighted_sum"):
-        if r.ndim != 2:
-            raise ValueError(f"mode {cfg.mode!r} takes one weight vector r [B] per micro-batch, got shape {r.shape}")
-    elif r.ndim != 3 or r.shape[1] != state.ema_weights.shape[0]:
-        raise ValueError(f"mode {cfg.mode!r} takes r [K, B] with K = {state.ema_weights.shape[0]}, got shape {r.shape[1:]}")
+        if r_shape.ndim != 1:
+            raise ValueError(f"mode {cfg.mode!r} takes one weight vector r [B] per micro-batch, got shape {r_shape.shape}")
+    elif r_shape.ndim != 2 or r_shape.shape[0] != state.ema_weights.shape[0]:
+        k = state.ema_weights.shape[0]
+        raise ValueError(f"mode {cfg.mode!r} takes r [K, B] with K = {k}, got shape {r_shape.shape}")
     if cfg.mode == "marble_gram":
 
         def rows(c, inp, rm):
             return gradients_from_samples(sample_gradients(velocity_fn, params, c, inp, nft), rm, nft)
 
-        if r.shape[0] > 1:
-            return _direction_from_gradients(micro_mean(rows, (cond, inputs, r)), state, cfg, mask)
+        if micro.count > 1:
+            return _direction_from_gradients(micro_mean(rows, micro), state, cfg, mask)
         # One micro-batch: the update is one contraction of the per-sample stack (combine_rows).
-        c1, inp1, r1 = jax.tree.map(lambda x: x[0], (cond, inputs, r))
+        c1, inp1, r1 = micro.get(jnp.zeros((), jnp.int32))
         sg = sample_gradients(velocity_fn, params, c1, inp1, nft)
         return _direction_from_gradients(
             gradients_from_samples(sg, r1, nft), state, cfg, mask, lambda c: combine_rows(sg, r1, c, nft)
@@ -458,17 +485,18 @@ def accumulated_direction(
         def rows(c, inp, rm):
             return reward_gradients(lambda p: velocity_fn(p, c), params, inp, rm, nft, cfg.row_chunk)
 
-        return _direction_from_gradients(micro_mean(rows, (cond, inputs, r)), state, cfg, mask)
+        return _direction_from_gradients(micro_mean(rows, micro), state, cfg, mask)
     scale: Array | float = 1.0
     if cfg.mode == "marble_amortized":  # the last solve's coefficients over this batch's live rewards
         c = mgda.coefficients(state, mask)
         scale = c.sum()
-        r = jnp.einsum("k,mkb->mb", c, r) / jnp.where(scale > 0, scale, 1)
+        norm = jnp.where(scale > 0, scale, 1)
+        micro = micro.map(lambda cond, inp, rm: (cond, inp, jnp.einsum("k,kb->b", c, rm) / norm))
 
     def one(c, inp, rm):
         return weighted_gradient(lambda p: velocity_fn(p, c), params, inp, rm, nft, scale)
 
-    grad, metrics = micro_mean(one, (cond, inputs, r))
+    grad, metrics = micro_mean(one, micro)
     return Direction(grad, state, tree_all_finite(grad), metrics)
 
 
@@ -502,22 +530,19 @@ def update_direction(
             "mode 'marble_gram' runs each sample alone: use accumulated_direction, whose velocity_fn(params, cond) "
             "takes the per-sample conditioning"
         )
-    one = jax.tree.map(lambda x: x[None], (inputs, r))
-    return accumulated_direction(lambda p, _: velocity_fn(p), params, jnp.zeros((1,)), *one, state, nft, cfg, solve=solve)
+    one = jax.tree.map(lambda x: x[None], (jnp.zeros((1,)), inputs, r))
+    return accumulated_direction(lambda p, _: velocity_fn(p), params, one, state, nft, cfg, solve=solve)
 
 
 def accumulated_diagnostics(
     velocity_fn: MicroVelocityFn,
     params: PyTree,
-    cond: PyTree,
-    inputs: NFTInputs,
-    r: Array,
-    r_applied: Array,
+    micro: MicroBatches | tuple,
     nft: NFTConfig,
     mask: Array | None = None,
 ) -> dict[str, Array]:
-    """Cosines between the policy direction of ``r_applied [M, B]`` and each reward's (``r [M, K, B]``), on the
-    gradients averaged over M micro-batches (as :func:`accumulated_direction`).
+    """Cosines between the policy direction of ``r_applied [B]`` and each reward's (``r [K, B]``), on the gradients
+    averaged over M micro-batches (as :func:`accumulated_direction`; ``micro`` gives ``(cond, inputs, r, r_applied)``).
 
     For modes that do not compute per-reward gradients themselves (the weighted sum): K + 1 backward
     passes, so call it on a subset of steps. Returns ``cosines [K]``, ``min_cosine``, ``anti_aligned``
@@ -528,9 +553,9 @@ def accumulated_diagnostics(
     def rows(c, inp, rm, ra):
         return reward_gradients(lambda p: velocity_fn(p, c), params, inp, jnp.concatenate([rm, ra[None]]), no_kl).grads
 
-    grads = micro_mean(rows, (cond, inputs, r, r_applied))
+    grads = micro_mean(rows, micro)
     gram = mgda.gram_matrix(grads)
-    k = r.shape[1]
+    k = jax.tree.leaves(grads)[0].shape[0] - 1
     sel = jnp.zeros((k + 1,), jnp.float32).at[k].set(1)
     cos = mgda.direction_cosines(gram, sel)[:k]
     live = jnp.ones((k,), bool) if mask is None else mask
@@ -546,8 +571,8 @@ def direction_diagnostics(
     velocity_fn: VelocityFn, params: PyTree, inputs: NFTInputs, r: Array, r_applied: Array, nft: NFTConfig
 ) -> dict[str, Array]:
     """:func:`accumulated_diagnostics` of one batch: ``r [K, B]``, ``r_applied [B]``."""
-    one = jax.tree.map(lambda x: x[None], (inputs, r, r_applied))
-    return accumulated_diagnostics(lambda p, _: velocity_fn(p), params, jnp.zeros((1,)), *one, nft)
+    one = jax.tree.map(lambda x: x[None], (jnp.zeros((1,)), inputs, r, r_applied))
+    return accumulated_diagnostics(lambda p, _: velocity_fn(p), params, one, nft)
 
 
 def optimizer_step(tx: optax.GradientTransformation, params: PyTree, opt_state: Any, direction: Direction) -> tuple[PyTree, Any]:

@@ -23,6 +23,7 @@ import numpy as np
 
 from marble_jax import rewards as reward_registry
 from marble_jax.models import lora, mmdit
+from marble_jax.models.functional import functionalize
 from marble_jax.prompts import Prompt, load_prompts
 
 log = logging.getLogger("marble_jax.experiment")
@@ -45,6 +46,7 @@ class Setup:
       decode_params: the decoder's parameters (``{}`` for pixel latents).
       encode: host-side ``prompts -> (context [P, L, D], pooled [P, Dp])`` (numpy); the trainer caches it per prompt.
       latent_shape: ``(h, w, c)``.
+      text_shape: ``((L, D), Dp)``, one prompt's context and pooled sizes.
       shift: the sampler grid's shift.
       train_prompts, eval_prompts: the prompt sets.
       rewards: training reward functions by name, in the order of the K axis.
@@ -60,6 +62,7 @@ class Setup:
     decode_params: PyTree
     encode: Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
     latent_shape: tuple[int, int, int]
+    text_shape: tuple[tuple[int, int], int]
     shift: float
     train_prompts: list[Prompt]
     eval_prompts: list[Prompt]
@@ -68,12 +71,19 @@ class Setup:
     lora_spec: lora.LoRASpec | None
 
 
-def _velocity(
-    module_config: dict, apply_fn: Callable, config: ml_collections.ConfigDict, **build_kw
-) -> tuple[Callable, Callable, Any]:
-    """``(velocity_fn, init_trainable, lora_spec)`` for ``config.finetune`` over an MMDiT (``apply_fn`` is its
-    functional form; LoRA needs the module graph, rebuilt from ``module_config``)."""
+def build_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The MMDiT build options of ``config.model``: master ``dtype``, ``compute_dtype`` (empty: the master dtype) and
+    ``remat``; the same for LoRA and full fine-tuning."""
+    m = config.model
+    return dict(dtype=jnp.dtype(m.dtype), compute_dtype=jnp.dtype(m.compute_dtype) if m.compute_dtype else None, remat=m.remat)
+
+
+def _velocity(module_config: dict, config: ml_collections.ConfigDict) -> tuple[Callable, Callable, Any]:
+    """``(velocity_fn, init_trainable, lora_spec)`` for ``config.finetune`` over the MMDiT of ``module_config``,
+    built with :func:`build_kwargs` (full fine-tuning and LoRA alike compute in ``compute_dtype`` with ``remat``)."""
+    module = mmdit.build(module_config, **build_kwargs(config))
     if config.finetune == "full":
+        apply_fn, _ = functionalize(module)
 
         def velocity(base, trainable, x, t, context, pooled):
             return apply_fn(base if trainable is None else trainable, x, 1000 * t, context, pooled)
@@ -84,7 +94,7 @@ def _velocity(
     spec = lora.LoRASpec(
         rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets, init_std=config.lora.init_std
     )
-    lora_apply = lora.with_lora(mmdit.build(module_config, **build_kw), spec)
+    lora_apply = lora.with_lora(module, spec)
 
     def velocity(base, trainable, x, t, context, pooled):
         return lora_apply(base, trainable, x, 1000 * t, context, pooled)
@@ -144,7 +154,8 @@ def _world_setup(config: ml_collections.ConfigDict) -> Setup:
 
     train_rewards, eval_rewards = _train_and_eval_rewards(config)
     world = world_model.load_world_model(config.model.world_dir or None)
-    velocity, init_trainable, spec = _velocity(world.config["mmdit"], world.apply_fn, config)
+    velocity, init_trainable, spec = _velocity(world.config["mmdit"], config)
+    context, pooled = world.encode([""])
 
     def world_prompts(split: str) -> Callable[[], list[Prompt]]:
         return lambda: [Prompt(p.text, p.metadata) for p in scenes.split_prompts(split)]
@@ -158,11 +169,48 @@ def _world_setup(config: ml_collections.ConfigDict) -> Setup:
         decode_params={},
         encode=lambda texts: tuple(np.asarray(a) for a in world.encode(list(texts))),
         latent_shape=(scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3),
+        text_shape=(tuple(context.shape[1:]), pooled.shape[1]),
         shift=float(world.config["shift"]) if config.sample.shift is None else config.sample.shift,
         train_prompts=_prompt_set(config.prompts.train, world_prompts("train"), "train"),
         eval_prompts=_prompt_set(config.prompts.eval, world_prompts("heldout"), "eval"),
         rewards=train_rewards,
         eval_rewards=eval_rewards,
+        lora_spec=spec,
+    )
+
+
+def sd3_text_shape(transformer_config: dict, max_sequence_length: int) -> tuple[tuple[int, int], int]:
+    """``((77 + max_sequence_length, joint_attention_dim), pooled_projection_dim)``: SD3's prompt embedding sizes."""
+    cfg = mmdit.MMDiTConfig.from_dict(transformer_config)
+    return (77 + max_sequence_length, cfg.joint_attention_dim), cfg.pooled_projection_dim
+
+
+def abstract_sd3_setup(config: ml_collections.ConfigDict, transformer_config: dict, scheduler_shift: float = 3.0) -> Setup:
+    """A :class:`Setup` of an SD3 transformer from its config alone, with abstract (``ShapeDtypeStruct``) base
+    parameters and no text encoders, decoder or rewards: what ``tools/plan_sd35.py`` lowers the trainer's step on."""
+    velocity, init_trainable, spec = _velocity(transformer_config, config)
+    _, base = mmdit.from_config(transformer_config, key=None, dtype=jnp.dtype(config.model.dtype))
+    cfg = mmdit.MMDiTConfig.from_dict(transformer_config)
+    side = config.model.resolution // 8
+
+    def no_encoder(texts):
+        raise RuntimeError("an abstract setup has no text encoders")
+
+    return Setup(
+        name="abstract SD3 transformer",
+        velocity_fn=velocity,
+        base_params=base,
+        init_trainable=init_trainable,
+        decode_fn=lambda _, latents: latents,
+        decode_params={},
+        encode=no_encoder,
+        latent_shape=(side, side, cfg.in_channels),
+        text_shape=sd3_text_shape(transformer_config, config.model.max_sequence_length),
+        shift=scheduler_shift if config.sample.shift is None else config.sample.shift,
+        train_prompts=[],
+        eval_prompts=[],
+        rewards={},
+        eval_rewards={},
         lora_spec=spec,
     )
 
@@ -173,7 +221,6 @@ def _sd3_setup(config: ml_collections.ConfigDict) -> Setup:
 
     m = config.model
     dtype = jnp.dtype(m.dtype)
-    compute = jnp.dtype(m.compute_dtype) if m.compute_dtype else None
     train_prompts = _prompt_set(config.prompts.train, None, "train")  # before the (slow) weights
     eval_prompts = _prompt_set(config.prompts.eval, None, "eval")
     train_rewards, eval_rewards = _train_and_eval_rewards(config)
@@ -183,9 +230,8 @@ def _sd3_setup(config: ml_collections.ConfigDict) -> Setup:
     with jax.default_device(cpu) if m.encode_on_cpu else contextlib.nullcontext():
         pipe = sd3.from_pretrained(m.path, dtype, use_t5=m.use_t5, params_checkpoint=m.params_checkpoint or None)
     snapshot, _, _ = sd3.snapshot_components(m.path, m.use_t5)
-    velocity, init_trainable, spec = _velocity(
-        read_config(snapshot / "transformer"), pipe.transformer_fn, config, dtype=dtype, compute_dtype=compute, remat=m.remat
-    )
+    transformer_config = read_config(snapshot / "transformer")
+    velocity, init_trainable, spec = _velocity(transformer_config, config)
     _, h, w, c = pipe.latent_shape(1, m.resolution, m.resolution)
 
     def encode(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -201,6 +247,7 @@ def _sd3_setup(config: ml_collections.ConfigDict) -> Setup:
         decode_params=pipe.params["vae"],
         encode=encode,
         latent_shape=(h, w, c),
+        text_shape=sd3_text_shape(transformer_config, m.max_sequence_length),
         shift=pipe.shift if config.sample.shift is None else config.sample.shift,
         train_prompts=train_prompts,
         eval_prompts=eval_prompts,

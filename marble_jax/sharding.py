@@ -1,9 +1,16 @@
 """The device mesh and the shardings of parameters and batches (the one place that knows them).
 
-One 2-D mesh ``(data, fsdp)`` over all devices. Batches are split over both axes; parameters
+One 2-D mesh ``(data, fsdp)`` over all devices. Batches are split over both axes; trained parameters
 (and everything shaped like them: optimizer moments, old / EMA copies, per-reward gradients
 after their leading K axis) are fully sharded over ``fsdp`` along their largest divisible
 axis and replicated over ``data``; leaves too small to be worth splitting stay replicated.
+
+The placement rule (:func:`default_mesh_shape`, :func:`frozen_shardings`): frozen weights (a LoRA's base, the
+reference policy) are held in the compute dtype and replicated on every device where they fit (SD3.5-M's 2.2B
+parameters are 4.5 GB in bf16), so no forward all-gathers them; trained weights are FSDP-sharded only when they
+are large (full fine-tuning: master weights, two Adam moments, old and EMA copies). So a LoRA run is data-parallel
+(``data`` = all devices, ``fsdp`` = 1) and a full fine-tuning run is FSDP within each host (``fsdp`` = the host's
+devices) and data-parallel across hosts.
 """
 
 from __future__ import annotations
@@ -51,6 +58,27 @@ def make_mesh(data: int | None = None, fsdp: int | None = None, devices=None) ->
             return Mesh(grid, BATCH_AXES)
         log.warning("mesh data=%d over %d hosts: fsdp groups cross hosts (make data a multiple of the hosts)", data, hosts)
     return Mesh(devices.reshape(data, fsdp), BATCH_AXES)
+
+
+REPLICATED_FROZEN_BYTES = 16 * 2**30
+"""Frozen weights up to this size per copy are replicated (:func:`frozen_shardings`); larger ones are FSDP-sharded."""
+
+
+def default_mesh_shape(num_devices: int, num_hosts: int, finetune: str) -> tuple[int, int]:
+    """``(data, fsdp)`` of the placement rule (module doc): LoRA ``(n, 1)``; full fine-tuning ``(hosts, n / hosts)``."""
+    if finetune == "full":
+        return num_hosts, num_devices // num_hosts
+    return num_devices, 1
+
+
+def frozen_shardings(tree: PyTree, mesh: Mesh, max_replicated_bytes: int = REPLICATED_FROZEN_BYTES) -> PyTree:
+    """Shardings of frozen weights: replicated when the whole tree (leaves with ``shape`` and ``dtype``) is at most
+    ``max_replicated_bytes``, else FSDP as :func:`param_shardings`."""
+    size = sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    if size <= max_replicated_bytes:
+        rep = replicated(mesh)
+        return jax.tree.map(lambda _: rep, tree)
+    return param_shardings(tree, mesh)
 
 
 def param_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 2**14, leading: int = 0) -> PartitionSpec:

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from marble_jax import advantages, balance, dpo, mgda, run_log, sampling, sharding
+from marble_jax import advantages, balance, dpo, mgda, run_log, sampling, sharding, throughput
 from marble_jax.checkpoint import Checkpointer
 from marble_jax.experiment import Setup
 from marble_jax.nft_loss import NFTConfig, NFTInputs
@@ -276,16 +276,32 @@ def optimality_weights(
     return r_all, r_all[active]
 
 
-def _micro(x: Array, timesteps: int, train_batch: int) -> Array:
-    """``[B, ...] -> [T * B / train_batch, train_batch, ...]``: the batch in chunks, repeated for each timestep."""
-    chunks = x.reshape((-1, train_batch) + x.shape[1:])
-    return jnp.broadcast_to(chunks[None], (timesteps,) + chunks.shape).reshape((-1, train_batch) + x.shape[1:])
+def _micro_view(x: Array, train_batch: int) -> Array:
+    """``[B, ...] -> [train_batch, C, ...]``, ``C = B / train_batch``: micro-batch ``c`` is ``view[:, c]``, the rows
+    ``c, c + C, c + 2C, ...``. Strided, so that a batch-sharded ``x`` (contiguous rows per device) gives every device
+    its own rows of every micro-batch: taking one inside the scan is a local slice, no collective."""
+    return x.reshape((train_batch, -1) + x.shape[1:])
 
 
-def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> Callable:
+def _take(view: Array, c: Array) -> Array:
+    """Micro-batch ``c`` ``[train_batch, ...]`` of a :func:`_micro_view`."""
+    return jax.lax.dynamic_index_in_dim(view, c, axis=1, keepdims=False)
+
+
+def make_train_step(
+    setup: Setup,
+    config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Callable:
     """``train_step(state, base, x0 [B, h, w, c], context [B, L, D], pooled [B, Dp], rewards [K, B], active, weights [K],
     solve, diagnose) -> (state, metrics)``, ``solve`` and ``diagnose`` static: one optimizer step of the epoch's
-    rollouts (see the module doc)."""
+    rollouts (see the module doc). With ``mesh``, every micro-batch is kept on the batch axes ``(data, fsdp)``.
+
+    The M = T x B / train_batch micro-batches are made inside the accumulation scan by index (:class:`balance.
+    MicroBatches`): each gathers its rows of ``x0``, ``context``, ``pooled`` and its timesteps, draws its noise and
+    runs the frozen forwards (old and reference policies) there. Nothing is repeated per timestep, so memory beyond
+    one micro-batch's activations does not grow with T x context."""
     nft = NFTConfig(**config.nft)
     dpo_cfg = dpo.DPOConfig(**config.dpo)
     mode = config.method if config.method in (*balance.SOLVING_MODES, "weighted_sum") else "single"
@@ -294,22 +310,30 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.G
     num_groups, timesteps, train_batch = s.prompts_per_epoch, trained_timesteps(config), s.train_batch
     sigmas = sampling.sigma_schedule(s.num_steps, shift=setup.shift)
 
+    def on_batch_axes(x: Array) -> Array:
+        if mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.ndim))
+
     def dpo_direction(state: TrainState, velocity, x0, context, pooled, rewards, active, k_perm, k_eps) -> balance.Direction:
         """Step-level DPO (or Diffusion-DPO) on one (best, worst) pair per prompt of ``rewards[active]``."""
         winner, loser = dpo.best_worst_pairs(rewards[active], num_groups)  # [G] each
         pairs = winner.shape[0]
-        steps = dpo_timesteps(config)  # no t = 1, where the (1 - t)^2 weight is exactly 0
         per = dpo_pairs_per_micro_batch(config)
-        t = draw_timesteps(k_perm, pairs, sigmas, config).T.reshape(-1, per)  # [M, per]
-        micro = lambda x: _micro(x, steps, per)  # noqa: E731
-        x0_w, x0_l = micro(x0[winner]), micro(x0[loser])
-        eps = jax.random.normal(k_eps, x0_w.shape, x0_w.dtype)  # shared by the winner and the loser
-        ctx, pld = micro(context[winner]), micro(pooled[winner])  # the pair's prompt
-        tb = t[:, :, None, None, None]
-        x_t = jnp.concatenate([(1 - tb) * x0_w + tb * eps, (1 - tb) * x0_l + tb * eps], axis=1)  # [M, 2 per, ...]
-        both = lambda a: jnp.concatenate([a, a], axis=1)  # noqa: E731
-        cond = (x_t, both(t), both(ctx), both(pld))
-        v_ref = jax.lax.map(lambda c: velocity(None, c), cond)
+        chunks = pairs // per
+        t_view = _micro_view(draw_timesteps(k_perm, pairs, sigmas, config), per)  # [per, G / per, T']
+        x0_w, x0_l = _micro_view(x0[winner], per), _micro_view(x0[loser], per)
+        ctx, pld = _micro_view(context[winner], per), _micro_view(pooled[winner], per)  # the pair's prompt
+
+        def get(i: Array) -> tuple:
+            j, c = i // chunks, i % chunks
+            xw, xl, tt = _take(x0_w, c), _take(x0_l, c), _take(t_view, c)[:, j]
+            eps = jax.random.normal(jax.random.fold_in(k_eps, i), xw.shape, xw.dtype)  # shared by winner and loser
+            tb = tt[:, None, None, None]
+            x_t = jnp.concatenate([(1 - tb) * xw + tb * eps, (1 - tb) * xl + tb * eps])  # [2 per, ...]
+            both = lambda a: jnp.concatenate([a, a])  # noqa: E731
+            cond = (x_t, both(tt), both(_take(ctx, c)), both(_take(pld, c)))
+            return cond, jax.lax.stop_gradient(velocity(None, cond)), xw, xl, eps, tt
 
         def loss(params, c, v_r, x0w, x0l, e, tt):
             v_w, v_l = jnp.split(velocity(params, c), 2)
@@ -320,9 +344,34 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.G
             (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(state.params, c, v_r, x0w, x0l, e, tt)
             return grad, {"dpo_loss": value, **metrics}
 
-        grad, metrics = balance.micro_mean(one, (cond, v_ref, x0_w, x0_l, eps, t))
+        micro = balance.MicroBatches(dpo_timesteps(config) * chunks, get)
+        grad, metrics = balance.micro_mean(one, micro)
         metrics["valid_pairs"] = jnp.mean(winner != loser)
         return balance.Direction(grad, state.mgda, balance.tree_all_finite(grad), metrics)
+
+    def nft_micro_batches(state: TrainState, velocity, x0, context, pooled, rs: tuple, k_perm, k_eps):
+        """:class:`balance.MicroBatches` giving ``(cond, NFTInputs, *r_i)`` for each ``r`` of ``rs`` (``[B]`` or
+        ``[K, B]``); micro-batch ``i`` is timestep ``i // C`` of the rows of :func:`_micro_view` chunk ``i % C``."""
+        batch = x0.shape[0]
+        chunks = batch // train_batch
+        t_view = _micro_view(draw_timesteps(k_perm, batch, sigmas, config), train_batch)  # each sample's own grid
+        x0_v, ctx_v, pld_v = (on_batch_axes(_micro_view(a, train_batch)) for a in (x0, context, pooled))
+        r_views = tuple(jnp.moveaxis(_micro_view(jnp.moveaxis(r, -1, 0), train_batch), (0, 1), (-2, -1)) for r in rs)
+
+        def get(i: Array) -> tuple:
+            j, c = i // chunks, i % chunks
+            x0_i = on_batch_axes(_take(x0_v, c))
+            t_i = _take(t_view, c)[:, j]
+            eps = on_batch_axes(jax.random.normal(jax.random.fold_in(k_eps, i), x0_i.shape, x0_i.dtype))
+            tb = t_i[:, None, None, None]
+            x_t = (1 - tb) * x0_i + tb * eps
+            cond = (x_t, t_i, on_batch_axes(_take(ctx_v, c)), on_batch_axes(_take(pld_v, c)))
+            v_old = jax.lax.stop_gradient(velocity(state.old_params, cond))
+            v_ref = jax.lax.stop_gradient(velocity(None, cond)) if nft.kl_beta > 0 else jnp.zeros_like(v_old)
+            r_i = tuple(jax.lax.dynamic_index_in_dim(v, c, axis=-1, keepdims=False) for v in r_views)
+            return (cond, NFTInputs(x0_i, x_t, t_i, v_old, v_ref), *r_i)
+
+        return balance.MicroBatches(timesteps * chunks, get)
 
     def train_step(state: TrainState, base, x0, context, pooled, rewards, active, weights, solve: bool, diagnose: bool):
         def velocity(params, cond):
@@ -335,30 +384,14 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, tx: optax.G
             direction = dpo_direction(state, velocity, x0, context, pooled, rewards, active, k_perm, k_eps)
             return _apply(state, direction, dict(direction.metrics))
         r_all, r_applied = optimality_weights(rewards, active, weights, num_groups, config)
-        batch = x0.shape[0]
-        # Each sample trains on T timesteps of its own grid, shuffled per sample.
-        t = draw_timesteps(k_perm, batch, sigmas, config).T.reshape(-1, train_batch)  # [M, mb], timestep-major like _micro
-        x0_m = _micro(x0, timesteps, train_batch)
-        eps = jax.random.normal(k_eps, x0_m.shape, x0_m.dtype)
-        tb = t[:, :, None, None, None]
-        x_t = (1 - tb) * x0_m + tb * eps
-        cond = (x_t, t, _micro(context, timesteps, train_batch), _micro(pooled, timesteps, train_batch))
-        v_old = jax.lax.map(lambda c: velocity(state.old_params, c), cond)
-        v_ref = jax.lax.map(lambda c: velocity(None, c), cond) if nft.kl_beta > 0 else jnp.zeros_like(v_old)
-        inputs = NFTInputs(x0_m, x_t, t, v_old, v_ref)
-        if r_applied.ndim == 2:
-            r_m = jnp.moveaxis(jax.vmap(lambda row: _micro(row, timesteps, train_batch))(r_applied), 0, 1)
-        else:
-            r_m = _micro(r_applied, timesteps, train_batch)
+        feed = lambda rs: nft_micro_batches(state, velocity, x0, context, pooled, rs, k_perm, k_eps)  # noqa: E731
         live = live_rewards(r_all)
         direction = balance.accumulated_direction(
-            velocity, state.params, cond, inputs, r_m, state.mgda, nft, bal, solve=solve, mask=live
+            velocity, state.params, feed((r_applied,)), state.mgda, nft, bal, solve=solve, mask=live
         )
         metrics = dict(direction.metrics)
         if diagnose and mode not in balance.SOLVING_MODES:
-            r_all_m = jnp.moveaxis(jax.vmap(lambda row: _micro(row, timesteps, train_batch))(r_all), 0, 1)
-            r_app_m = _micro(r_applied, timesteps, train_batch)
-            metrics.update(balance.accumulated_diagnostics(velocity, state.params, cond, inputs, r_all_m, r_app_m, nft, live))
+            metrics.update(balance.accumulated_diagnostics(velocity, state.params, feed((r_all, r_applied)), nft, live))
         metrics.update(mean_r=jnp.mean(r_applied), live_rewards=live.astype(jnp.float32))
         return _apply(state, direction, metrics)
 
@@ -461,9 +494,67 @@ def _score(name: str, fn: Callable, images: np.ndarray, prompts: Sequence[Prompt
 
 
 def run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """The ``(data, fsdp)`` mesh of ``config.mesh`` over all devices (or the first ``num_devices``)."""
+    """The ``(data, fsdp)`` mesh of ``config.mesh`` over all devices (or the first ``num_devices``); sizes left unset
+    follow the placement rule of :func:`sharding.default_mesh_shape` (LoRA: data-parallel; full fine-tuning: FSDP
+    within each host)."""
     m = config.mesh
-    return sharding.make_mesh(m.data, m.fsdp, jax.devices()[: m.num_devices] if m.num_devices else None)
+    devices = jax.devices()[: m.num_devices] if m.num_devices else jax.devices()
+    data, fsdp = m.data, m.fsdp
+    if data is None and fsdp is None:
+        hosts = len({d.process_index for d in devices})
+        data, fsdp = sharding.default_mesh_shape(len(devices), hosts, config.finetune)
+    return sharding.make_mesh(data, fsdp, devices)
+
+
+def frozen_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+    """The dtype frozen weights are held in: the compute dtype (``model.compute_dtype``, else ``model.dtype``)."""
+    return jnp.dtype(config.model.compute_dtype or config.model.dtype)
+
+
+def frozen_layout(setup: Setup, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[PyTree, PyTree]:
+    """``(abstract, shardings)`` of the frozen base on ``mesh``: in :func:`frozen_dtype`, replicated where it fits
+    (:func:`sharding.frozen_shardings`, ``mesh.replicate_frozen_gb``)."""
+    dtype = frozen_dtype(config)
+    cast = lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)  # noqa: E731
+    abstract = jax.tree.map(cast, setup.base_params)
+    limit = int(config.mesh.get("replicate_frozen_gb", 16.0) * 2**30)
+    return abstract, sharding.frozen_shardings(abstract, mesh, limit)
+
+
+def jit_train_step(
+    setup: Setup, config: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> tuple[Callable, tuple]:
+    """``(train_step, abstract_args)``: the jitted :func:`make_train_step` the trainer runs (static ``solve``,
+    ``diagnose``; the state donated) and its arguments as ``ShapeDtypeStruct`` with shardings, up to the two static
+    flags (what ``tools/plan_sd35.py`` lowers: the same program). Prompt embeddings are fed in :func:`frozen_dtype`
+    (the network casts them to its compute dtype on entry)."""
+    state, state_sh = state_layout(setup, config, tx, mesh)
+    base, base_sh = frozen_layout(setup, config, mesh)
+    rep = sharding.replicated(mesh)
+    bsh = lambda ndim: sharding.batch_sharding(mesh, ndim)  # noqa: E731
+    s = config.sample
+    batch, k = s.prompts_per_epoch * s.images_per_prompt, len(config.rewards)
+    (length, width), pooled_dim = setup.text_shape
+    text = frozen_dtype(config)
+    sds = jax.ShapeDtypeStruct
+    args = (
+        state,
+        jax.tree.map(lambda a, sh: sds(a.shape, a.dtype, sharding=sh), base, base_sh),
+        sds((batch, *setup.latent_shape), jnp.float32, sharding=bsh(4)),
+        sds((batch, length, width), text, sharding=bsh(3)),
+        sds((batch, pooled_dim), text, sharding=bsh(2)),
+        sds((k, batch), jnp.float32, sharding=rep),
+        sds((), jnp.int32, sharding=rep),
+        sds((k,), jnp.float32, sharding=rep),
+    )
+    step = jax.jit(
+        make_train_step(setup, config, tx, mesh),
+        static_argnums=(8, 9),
+        in_shardings=(state_sh, base_sh, bsh(4), bsh(3), bsh(2), rep, rep, rep),
+        out_shardings=(state_sh, rep),
+        donate_argnums=(0,),
+    )
+    return step, args
 
 
 def make_init_state(setup: Setup, config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> Callable:
@@ -529,11 +620,10 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
     log.info("model: %s | method %s | rewards %s | mesh %s", setup.name, config.method, names, dict(mesh.shape))
 
     root = jax.random.key(config.seed)
-    base_sh = sharding.param_shardings(setup.base_params, mesh)
-    base = jax.device_put(setup.base_params, base_sh)
-    decode_params = jax.device_put(setup.decode_params, sharding.replicated(mesh))
-    target, state_sh = state_layout(setup, config, tx, mesh)
     rep = sharding.replicated(mesh)
+    target, state_sh = state_layout(setup, config, tx, mesh)
+    frozen, base_sh = frozen_layout(setup, config, mesh)
+    decode_params = jax.device_put(setup.decode_params, rep)
 
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
@@ -545,27 +635,32 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
     restored = ckpt.restore(target)
     if restored is None and ckpt.steps():
         raise RuntimeError(f"{ckpt.directory} has checkpoints {ckpt.steps()} but none is readable (see the warnings above)")
-    if restored is None:
-        state = jax.jit(make_init_state(setup, config, tx), out_shardings=state_sh)(base)
+    if restored is None:  # from the master weights (full fine-tuning copies them), before the frozen cast
+        state = jax.jit(make_init_state(setup, config, tx), out_shardings=state_sh)(setup.base_params)
         log.info("starting a new run in %s", workdir)
     else:
         step, state, saved_meta = restored
         _check_resumable(saved_meta.get("config", {}), meta["config"])
         log.info("resumed from %s step %d", workdir / "checkpoints", step)
+    cast = lambda tree: jax.tree.map(lambda x, a: x.astype(a.dtype), tree, frozen)  # noqa: E731
+    base = jax.jit(cast, out_shardings=base_sh)(setup.base_params)
     if writes:
         (workdir / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
 
     bsh = lambda ndim: sharding.batch_sharding(mesh, ndim)  # noqa: E731
-    rollout = jax.jit(make_rollout(setup, config), out_shardings=(bsh(4), bsh(4)))
-    train_step = jax.jit(
-        make_train_step(setup, config, tx),
-        static_argnums=(8, 9),
-        in_shardings=(state_sh, base_sh, bsh(4), bsh(3), bsh(2), rep, rep, rep),
-        out_shardings=(state_sh, rep),
-        donate_argnums=(0,),
-    )
+    rollout_jit = jax.jit(make_rollout(setup, config), out_shardings=(bsh(4), bsh(4)))
+    train_jit, train_args = jit_train_step(setup, config, tx, mesh)
+    programs: dict[tuple, tuple[Any, float]] = {}  # compiled once per variant, with its FLOPs (throughput.py)
+
+    def program(key: tuple, jitted, *args) -> tuple[Any, float]:
+        if key not in programs:
+            traced = jitted.trace(*args)
+            programs[key] = traced.lower().compile(), throughput.jaxpr_flops(traced.jaxpr)
+        return programs[key]
+
     live_fn = jax.jit(lambda r: live_rewards(_reward_weights(r, s.prompts_per_epoch, config)))
     embed = EmbeddingCache(setup.encode)
+    text_dtype = frozen_dtype(config)
     weights = np.array([float(config.reward_weights.get(n, 1.0)) for n in names], np.float32)
     # TensorBoard event files (process 0); the console gets the progress line and the evaluations.
     writer = metric_writers.MultiWriter(
@@ -578,31 +673,38 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
     evaluated = run_log.resume_logs(workdir, start_step, writes)  # the steps already evaluated, up to start_step
     times: list[float] = []
     last_save = time.monotonic()
+    devices = list(mesh.devices.flat)
 
     with _Stop() as stop:
         for step in range(start_step, total):
             t0 = time.perf_counter()
+            timer = throughput.PhaseTimer()
             if step % config.eval.every == 0 and step not in evaluated:
-                evaluator.run(state.ema_params, base, decode_params, step, writer, workdir)
+                with timer.phase("eval"):
+                    evaluator.run(state.ema_params, base, decode_params, step, writer, workdir)
                 evaluated.add(step)
             idx = prompt_groups(s.prompts_per_epoch, config.seed, step, len(setup.train_prompts))
             prompts = [setup.train_prompts[i] for i in idx for _ in range(s.images_per_prompt)]
-            context, pooled = embed([p.text for p in prompts])
-            # Rollouts in chunks; each chunk's rewards run on the pool while the device rolls out the next.
-            x0_chunks, futures = [], []
+            with timer.phase("encode"):
+                context, pooled = (a.astype(text_dtype) for a in embed([p.text for p in prompts]))
+            # Rollouts in chunks. Chunk c's images go to the reward pool as soon as they land, while the device rolls
+            # out chunk c + 1 (a JAX reward's work is queued right behind it); host rewards overlap the rollouts.
             key = _key(root, step, "rollout")
-            outs = []
-            for c in range(batch // s.rollout_batch):
-                sl = slice(c * s.rollout_batch, (c + 1) * s.rollout_batch)
-                ctx = sharding.to_global(context[sl], bsh(3))
-                pld = sharding.to_global(pooled[sl], bsh(2))
-                outs.append(rollout(base, state.old_params, decode_params, ctx, pld, jax.random.fold_in(key, c)))
-            for c, (x0, images) in enumerate(outs):  # one pool task per (chunk, reward), on this process's rows
-                x0_chunks.append(x0)
-                rows, host = sharding.local_rows(images)
-                chunk_prompts = [prompts[c * s.rollout_batch + i] for i in rows]
-                futures.append((rows, [pool.submit(_score, n, setup.rewards[n], host, chunk_prompts) for n in names]))
-            scored = [(rows, [f.result() for f in chunk]) for rows, chunk in futures]
+            x0_chunks, futures, chunks = [], [], batch // s.rollout_batch
+            with timer.phase("rollout"):
+                for c in range(chunks + 1):
+                    if c < chunks:
+                        sl = slice(c * s.rollout_batch, (c + 1) * s.rollout_batch)
+                        args = (base, state.old_params, decode_params, sharding.to_global(context[sl], bsh(3)),
+                                sharding.to_global(pooled[sl], bsh(2)), jax.random.fold_in(key, c))  # fmt: skip
+                        rollout, rollout_flops = program(("rollout",), rollout_jit, *args)
+                        x0_chunks.append(rollout(*args))
+                    if c:  # chunk c - 1 lands while chunk c rolls out
+                        rows, host = sharding.local_rows(x0_chunks[c - 1][1])  # this process's rows only
+                        chunk_prompts = [prompts[(c - 1) * s.rollout_batch + i] for i in rows]
+                        futures.append((rows, [pool.submit(_score, n, setup.rewards[n], host, chunk_prompts) for n in names]))
+            with timer.phase("rewards"):
+                scored = [(rows, [f.result() for f in chunk]) for rows, chunk in futures]
             rewards = np.concatenate(
                 [sharding.gather_rows(rows, np.stack([row for row, _ in chunk], 1), s.rollout_batch).T for rows, chunk in scored],
                 axis=1,
@@ -614,27 +716,36 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
             if not solve and not faults:  # a reward live now but not at the last solve has no cached coefficient
                 solve = bool(sharding.to_host(mgda.needs_solve(state.mgda, live_fn(sharding.to_global(rewards, rep)))))
             diagnose = config.diagnostics_every > 0 and step % config.diagnostics_every == 0
+            update_flops = 0.0
             if faults:
                 log.warning("step %d: reward fault, update skipped (weights untouched): %s", step, "; ".join(faults))
                 state = state._replace(step=state.step + 1)
                 metrics = {"skipped": True}
             else:
-                x0 = jnp.concatenate(x0_chunks) if len(x0_chunks) > 1 else x0_chunks[0]
-                state, metrics = train_step(
-                    state,
-                    base,
-                    x0,
-                    sharding.to_global(context, bsh(3)),
-                    sharding.to_global(pooled, bsh(2)),
-                    sharding.to_global(rewards, rep),
-                    sharding.to_global(np.int32(stage_reward(config, step)), rep),
-                    sharding.to_global(weights, rep),
-                    solve,
-                    diagnose,
-                )
-                metrics = jax.tree.map(sharding.to_host, metrics)
+                with timer.phase("update"):
+                    train_step, update_flops = program(("train", solve, diagnose), train_jit, *train_args, solve, diagnose)
+                    x0 = jax.device_put(jnp.concatenate([x for x, _ in x0_chunks]), bsh(4))
+                    state, metrics = train_step(
+                        state,
+                        base,
+                        x0,
+                        sharding.to_global(context, bsh(3)),
+                        sharding.to_global(pooled, bsh(2)),
+                        sharding.to_global(rewards, rep),
+                        sharding.to_global(np.int32(stage_reward(config, step)), rep),
+                        sharding.to_global(weights, rep),
+                    )
+                    metrics = jax.tree.map(sharding.to_host, metrics)
                 if bool(metrics["skipped"]):
                     log.warning("step %d: the update direction is not finite, update skipped (weights untouched)", step)
+            done = step + 1 == total
+            stopping = sharding.any_process(stop.requested)  # a stop asked on any process stops them all, here
+            minutes = config.checkpoint.every_minutes
+            timely = minutes > 0 and sharding.any_process(time.monotonic() - last_save >= 60 * minutes)
+            if stopping or done or timely or (step + 1) % config.checkpoint.every == 0:
+                with timer.phase("checkpoint"):
+                    ckpt.save(step + 1, state, meta)
+                last_save = time.monotonic()
             times.append(time.perf_counter() - t0)
             if writes and len(times) == 1:
                 log.info(
@@ -644,21 +755,14 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
             scalars.update(
                 {f"train/{n}": float(np.nanmean(rewards[i])) for i, n in enumerate(names) if np.isfinite(rewards[i]).any()}
             )
-            scalars["time/step_s"] = times[-1]
             scalars["diagnostics"] = float(diagnose and config.method not in balance.SOLVING_MODES)
+            scalars.update(_throughput(timer.seconds, times[-1], batch, chunks * rollout_flops, update_flops, devices))
             writer.write_scalars(step + 1, scalars)
             if jax.process_index() == 0:
                 with open(workdir / "metrics.jsonl", "a") as f:  # the same scalars, for scripts
                     f.write(json.dumps({"step": step + 1, **scalars}) + "\n")
             if writes and ((step + 1) % config.log_every == 0 or step + 1 == total):
                 _progress(step + 1, total, times, scalars, names)
-            done = step + 1 == total
-            stopping = sharding.any_process(stop.requested)  # a stop asked on any process stops them all, here
-            minutes = config.checkpoint.every_minutes
-            timely = minutes > 0 and sharding.any_process(time.monotonic() - last_save >= 60 * minutes)
-            if stopping or done or timely or (step + 1) % config.checkpoint.every == 0:
-                ckpt.save(step + 1, state, meta)
-                last_save = time.monotonic()
             if stopping:
                 log.warning("stopped at step %d on request; resume by running the same command", step + 1)
                 break
@@ -670,6 +774,23 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
     writer.flush()
     writer.close()
     return state
+
+
+def _throughput(
+    phases: dict[str, float], step_s: float, images: int, rollout_flops: float, update_flops: float, devices: list
+) -> dict[str, float]:
+    """Scalars of where a step's time went: ``time/<phase>_s`` (encode, rollout, rewards: the wait for the rewards
+    after the last chunk, update, checkpoint, eval), ``time/step_s``, ``throughput/images_per_s`` (rollout images over
+    the step), and, on devices of known peak, ``mfu/rollout``, ``mfu/update`` and ``mfu/step``
+    (:mod:`marble_jax.throughput`)."""
+    out = {f"time/{name}_s": seconds for name, seconds in phases.items()}
+    out.update({"time/step_s": step_s, "throughput/images_per_s": images / step_s})
+    if throughput.peak_flops(devices[0]) is not None:
+        out["mfu/rollout"] = throughput.mfu(rollout_flops, phases.get("rollout", 0.0), devices)
+        if update_flops:
+            out["mfu/update"] = throughput.mfu(update_flops, phases.get("update", 0.0), devices)
+        out["mfu/step"] = throughput.mfu(rollout_flops + update_flops, step_s, devices)
+    return out
 
 
 def _flat_metrics(metrics: dict, names: Sequence[str]) -> dict[str, float]:
@@ -686,8 +807,9 @@ def _flat_metrics(metrics: dict, names: Sequence[str]) -> dict[str, float]:
 
 def _progress(step: int, total: int, times: list[float], scalars: dict, names: Sequence[str]) -> None:
     """One console line: a bar, step time (median of the last 10, the session's first step and its compilation
-    excluded once there are others), ETA, loss and rewards; ``step`` counts from the run's start (a resumed run's
-    bar starts at its restored step)."""
+    excluded once there are others), ETA, this step's phases (rollout / rewards wait / update seconds), images/s and
+    MFU where the device's peak is known, loss and rewards; ``step`` counts from the run's start (a resumed run's bar
+    starts at its restored step)."""
     steady = times[1:][-10:] or times
     recent = sorted(steady)[len(steady) // 2]
     eta = recent * (total - step)
@@ -695,13 +817,18 @@ def _progress(step: int, total: int, times: list[float], scalars: dict, names: S
     filled = int(width * step / total)
     rewards = " ".join(f"{n}={scalars[f'train/{n}']:.3f}" for n in names if f"train/{n}" in scalars)
     loss = scalars.get("policy_loss", scalars.get("dpo_loss", float("nan")))
+    phases = "/".join(f"{scalars.get(f'time/{p}_s', 0.0):.1f}" for p in ("rollout", "rewards", "update"))
+    mfu = f"  MFU {100 * scalars['mfu/step']:.0f}%" if "mfu/step" in scalars else ""
     log.info(
-        "[%s%s] %d/%d  %.2fs/step  ETA %dm%02ds  loss %.4f  %s",
+        "[%s%s] %d/%d  %.2fs/step (rollout/rewards/update %ss)  %.1f img/s%s  ETA %dm%02ds  loss %.4f  %s",
         "#" * filled,
         "." * (width - filled),
         step,
         total,
         recent,
+        phases,
+        scalars["throughput/images_per_s"],
+        mfu,
         eta // 60,
         eta % 60,
         loss,

@@ -120,10 +120,10 @@ def test_amortised_step_drops_a_dead_reward_and_renormalises(setup, f32_tol):
     solved = balance.update_direction(
         s["velocity_fn"], s["params"], s["inputs"], s["r"], mgda.init_state(K), NFT, balance.BalanceConfig(mode="marble")
     )
-    one = jax.tree.map(lambda x: x[None], (s["inputs"], r))
+    one = jax.tree.map(lambda x: x[None], (jnp.zeros(()), s["inputs"], r))
     cfg = balance.BalanceConfig(mode="marble_amortized")
     d = balance.accumulated_direction(
-        lambda p, _: s["velocity_fn"](p), s["params"], jnp.zeros((1,)), *one, solved.state, NFT, cfg, solve=False, mask=live
+        lambda p, _: s["velocity_fn"](p), s["params"], one, solved.state, NFT, cfg, solve=False, mask=live
     )
     c = np.asarray(mgda.coefficients(solved.state, live))
     assert c[2] == 0.0 and float(solved.state.coefficients[2]) > 0

@@ -77,7 +77,7 @@ def test_gram_mode_equals_vmapped_vjp_mode(problem, k):
 
     def run(mode):
         cfg = balance.BalanceConfig(mode=mode)
-        return jax.jit(lambda p: balance.accumulated_direction(velocity, p, cond, inputs, r, state, NFT, cfg, mask=mask))(params)
+        return jax.jit(lambda p: balance.accumulated_direction(velocity, p, (cond, inputs, r), state, NFT, cfg, mask=mask))(params)
 
     ref, gram = run("marble"), run("marble_gram")
     for name in ("lambda", "coefficients", "grad_norms", "cosines", "policy_losses"):
@@ -119,7 +119,7 @@ def test_one_micro_batch_update_from_rows(problem):
 
     def run(mode):
         cfg = balance.BalanceConfig(mode=mode)
-        return jax.jit(lambda p: balance.accumulated_direction(velocity, p, *one, r, mgda.init_state(5), NFT, cfg))(params)
+        return jax.jit(lambda p: balance.accumulated_direction(velocity, p, (*one, r), mgda.init_state(5), NFT, cfg))(params)
 
     ref, gram = run("marble"), run("marble_gram")
     assert rel_err(np.asarray(gram.metrics["coefficients"]), np.asarray(ref.metrics["coefficients"])) < TOL

@@ -93,7 +93,7 @@ def make_step(net, mode: str, solve: bool, nft: NFTConfig, tx, row_chunk: int | 
         velocity_fn = lambda p, cond: net(p, cond[0], 1000 * cond[1], cond[2])  # noqa: E731
         rr = jnp.mean(r, axis=0) if mode == "weighted_sum" else r
         one = jax.tree.map(lambda x: x[None], ((inputs.x_t, inputs.t, c), inputs, rr))  # one micro-batch
-        d = balance.accumulated_direction(velocity_fn, params, *one, mstate, nft, cfg, solve=solve)
+        d = balance.accumulated_direction(velocity_fn, params, one, mstate, nft, cfg, solve=solve)
         params, opt_state = balance.optimizer_step(tx, params, opt_state, d)
         return params, opt_state, d.state
 
