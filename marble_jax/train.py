@@ -288,6 +288,53 @@ def _take(view: Array, c: Array) -> Array:
     return jax.lax.dynamic_index_in_dim(view, c, axis=1, keepdims=False)
 
 
+def nft_micro_batches(
+    velocity: Callable,
+    old_params: PyTree,
+    x0: Array,
+    context: Array,
+    pooled: Array,
+    rs: tuple[Array, ...],
+    t_table: Array,
+    key: Array,
+    train_batch: int,
+    *,
+    kl: bool,
+    mesh: jax.sharding.Mesh | None = None,
+) -> balance.MicroBatches:
+    """The NFT micro-batches of an epoch: ``get(i) -> (cond, NFTInputs, *r_i)``, ``cond = (x_t, t, context, pooled)``.
+
+    ``x0 [B, h, w, c]``, ``context [B, L, D]``, ``pooled [B, Dp]``; ``rs``: weights ``[B]`` or ``[K, B]``;
+    ``t_table [B, T]``: each sample's trained timesteps. Micro-batch ``i`` is timestep column ``i // C`` of the rows of
+    :func:`_micro_view` chunk ``i % C`` (``C = B / train_batch``; M = T C in all), with noise drawn from
+    ``fold_in(key, i)``, ``x_t = (1 - t) x0 + t eps``, and ``v_old = velocity(old_params, cond)``, ``v_ref =
+    velocity(None, cond)`` (zeros without ``kl``) run there, under ``stop_gradient``. With ``mesh`` the micro-batch
+    is constrained to the batch axes."""
+
+    def on_batch_axes(x: Array) -> Array:
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.ndim))
+
+    chunks = x0.shape[0] // train_batch
+    t_view = _micro_view(t_table, train_batch)
+    x0_v, ctx_v, pld_v = (on_batch_axes(_micro_view(a, train_batch)) for a in (x0, context, pooled))
+    r_views = tuple(jnp.moveaxis(_micro_view(jnp.moveaxis(r, -1, 0), train_batch), (0, 1), (-2, -1)) for r in rs)
+
+    def get(i: Array) -> tuple:
+        j, c = i // chunks, i % chunks
+        x0_i = on_batch_axes(_take(x0_v, c))
+        t_i = _take(t_view, c)[:, j]
+        eps = on_batch_axes(jax.random.normal(jax.random.fold_in(key, i), x0_i.shape, x0_i.dtype))
+        tb = t_i[:, None, None, None]
+        x_t = (1 - tb) * x0_i + tb * eps
+        cond = (x_t, t_i, on_batch_axes(_take(ctx_v, c)), on_batch_axes(_take(pld_v, c)))
+        v_old = jax.lax.stop_gradient(velocity(old_params, cond))
+        v_ref = jax.lax.stop_gradient(velocity(None, cond)) if kl else jnp.zeros_like(v_old)
+        r_i = tuple(jax.lax.dynamic_index_in_dim(v, c, axis=-1, keepdims=False) for v in r_views)
+        return (cond, NFTInputs(x0_i, x_t, t_i, v_old, v_ref), *r_i)
+
+    return balance.MicroBatches(t_table.shape[1] * chunks, get)
+
+
 def make_train_step(
     setup: Setup,
     config: ml_collections.ConfigDict,
@@ -307,13 +354,8 @@ def make_train_step(
     mode = config.method if config.method in (*balance.SOLVING_MODES, "weighted_sum") else "single"
     bal = balance.BalanceConfig(mode=mode, **config.balance)
     s = config.sample
-    num_groups, timesteps, train_batch = s.prompts_per_epoch, trained_timesteps(config), s.train_batch
+    num_groups, train_batch = s.prompts_per_epoch, s.train_batch
     sigmas = sampling.sigma_schedule(s.num_steps, shift=setup.shift)
-
-    def on_batch_axes(x: Array) -> Array:
-        if mesh is None:
-            return x
-        return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.ndim))
 
     def dpo_direction(state: TrainState, velocity, x0, context, pooled, rewards, active, k_perm, k_eps) -> balance.Direction:
         """Step-level DPO (or Diffusion-DPO) on one (best, worst) pair per prompt of ``rewards[active]``."""
@@ -349,30 +391,6 @@ def make_train_step(
         metrics["valid_pairs"] = jnp.mean(winner != loser)
         return balance.Direction(grad, state.mgda, balance.tree_all_finite(grad), metrics)
 
-    def nft_micro_batches(state: TrainState, velocity, x0, context, pooled, rs: tuple, k_perm, k_eps):
-        """:class:`balance.MicroBatches` giving ``(cond, NFTInputs, *r_i)`` for each ``r`` of ``rs`` (``[B]`` or
-        ``[K, B]``); micro-batch ``i`` is timestep ``i // C`` of the rows of :func:`_micro_view` chunk ``i % C``."""
-        batch = x0.shape[0]
-        chunks = batch // train_batch
-        t_view = _micro_view(draw_timesteps(k_perm, batch, sigmas, config), train_batch)  # each sample's own grid
-        x0_v, ctx_v, pld_v = (on_batch_axes(_micro_view(a, train_batch)) for a in (x0, context, pooled))
-        r_views = tuple(jnp.moveaxis(_micro_view(jnp.moveaxis(r, -1, 0), train_batch), (0, 1), (-2, -1)) for r in rs)
-
-        def get(i: Array) -> tuple:
-            j, c = i // chunks, i % chunks
-            x0_i = on_batch_axes(_take(x0_v, c))
-            t_i = _take(t_view, c)[:, j]
-            eps = on_batch_axes(jax.random.normal(jax.random.fold_in(k_eps, i), x0_i.shape, x0_i.dtype))
-            tb = t_i[:, None, None, None]
-            x_t = (1 - tb) * x0_i + tb * eps
-            cond = (x_t, t_i, on_batch_axes(_take(ctx_v, c)), on_batch_axes(_take(pld_v, c)))
-            v_old = jax.lax.stop_gradient(velocity(state.old_params, cond))
-            v_ref = jax.lax.stop_gradient(velocity(None, cond)) if nft.kl_beta > 0 else jnp.zeros_like(v_old)
-            r_i = tuple(jax.lax.dynamic_index_in_dim(v, c, axis=-1, keepdims=False) for v in r_views)
-            return (cond, NFTInputs(x0_i, x_t, t_i, v_old, v_ref), *r_i)
-
-        return balance.MicroBatches(timesteps * chunks, get)
-
     def train_step(state: TrainState, base, x0, context, pooled, rewards, active, weights, solve: bool, diagnose: bool):
         def velocity(params, cond):
             x_t, t, ctx, pld = cond
@@ -384,7 +402,12 @@ def make_train_step(
             direction = dpo_direction(state, velocity, x0, context, pooled, rewards, active, k_perm, k_eps)
             return _apply(state, direction, dict(direction.metrics))
         r_all, r_applied = optimality_weights(rewards, active, weights, num_groups, config)
-        feed = lambda rs: nft_micro_batches(state, velocity, x0, context, pooled, rs, k_perm, k_eps)  # noqa: E731
+        t_table = draw_timesteps(k_perm, x0.shape[0], sigmas, config)  # [B, T]: each sample's own grid, shuffled
+
+        def feed(rs: tuple) -> balance.MicroBatches:
+            kw = dict(kl=nft.kl_beta > 0, mesh=mesh)
+            return nft_micro_batches(velocity, state.old_params, x0, context, pooled, rs, t_table, k_eps, train_batch, **kw)
+
         live = live_rewards(r_all)
         direction = balance.accumulated_direction(
             velocity, state.params, feed((r_applied,)), state.mgda, nft, bal, solve=solve, mask=live

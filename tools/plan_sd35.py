@@ -1,18 +1,19 @@
-"""Plan the real SD3.5-Medium training step on an 8-device mesh without weights or accelerators.
+"""Plan the trainer's own SD3.5-Medium epoch update on an 8-device mesh, without weights or accelerators.
 
-    python tools/plan_sd35.py [--modes weighted_sum,marble,marble_amortized,marble_gram] [--tuning full,lora]
-                              [--per-device-batch 2] [--k 5] [--fsdp 8]
+    python tools/plan_sd35.py [--rows lora:weighted_sum,lora:marble_gram,full:weighted_sum] [--devices 8]
+                              [--config configs/k5.py:sd35] [--set sample.train_batch=32 ...]
 
-The DiffusionNFT step (the trained, old and reference velocities on one timestep, the update
-direction of the balancing mode, global-norm clipping and AdamW) is traced from abstract shapes
-(``jax.ShapeDtypeStruct``: no parameter is ever allocated) for SD3.5-M at 512 px (64 x 64 x 16
-latents, 77 + 128 text tokens), bf16 compute over fp32 master weights, remat per block, on a
-``(data, fsdp)`` mesh of 8 host devices, then lowered and compiled by XLA. Printed per mode:
-XLA's per-device memory (arguments, temporaries, output) and FLOPs, and the step time those
-FLOPs take on one H200 (989 TFLOP/s dense bf16) at 40% and 60% MFU.
+Each row lowers and compiles ``train.jit_train_step`` (the jitted :func:`marble_jax.train.make_train_step` that
+``train.run`` compiles, with the same abstract arguments and shardings: no copy of it) for the ``k5:sd35``
+configuration: SD3.5-M (``sd3_configs.SD35_MEDIUM_TRANSFORMER``) at 512 px, 48 prompts x 24 images, 24 trained
+timesteps, bf16 compute over fp32 master weights, the frozen base in bf16, on the mesh the placement rule gives
+(``sharding.default_mesh_shape``) over 8 host CPU devices. Printed per row, per device: XLA's argument, output,
+temporary and peak memory (arguments + outputs + temporaries - donated aliases), the FLOPs of one epoch's update
+(``throughput.jaxpr_flops``: XLA's ``cost_analysis`` counts a loop body once), the compile time, and the update's
+time at 40% MFU on H200s (989 TFLOP/s dense bf16 each).
 
-The compiler is XLA:CPU, so the memory figures are its buffer assignment (GPU fusion and
-rematerialisation choices differ somewhat); FLOPs are a property of the program.
+The compiler is XLA:CPU, so memory is its buffer assignment (GPU fusion and rematerialisation choices differ
+somewhat); FLOPs are a property of the program.
 """
 
 from __future__ import annotations
@@ -22,126 +23,110 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import importlib.util  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
+import ml_collections  # noqa: E402
 
-from marble_jax import balance, mgda, sharding  # noqa: E402
-from marble_jax.models import lora, mmdit  # noqa: E402
-from marble_jax.models.functional import functionalize  # noqa: E402
+from marble_jax import experiment, throughput, train  # noqa: E402
+from marble_jax.experiment import Setup  # noqa: E402
 from marble_jax.models.sd3_configs import SD35_MEDIUM_TRANSFORMER  # noqa: E402
-from marble_jax.nft_loss import NFTConfig, NFTInputs, noisy_latents  # noqa: E402
 
-H200_BF16_FLOPS = 989e12
-LATENT = (64, 64, 16)  # 512 px / 8
-TEXT_TOKENS, TEXT_DIM, POOLED_DIM = 77 + 128, 4096, 2048
+H200_BF16_FLOPS = throughput.PEAK_FLOPS["H200"]
+GB = 1024**3
 
 
-def abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One compiled update: per-device bytes, FLOPs over all devices, compile seconds, the mesh and its HLO."""
+
+    argument_bytes: int
+    output_bytes: int
+    temp_bytes: int
+    alias_bytes: int
+    flops: float
+    compile_s: float
+    mesh_shape: dict
+    hlo: str
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
 
 
-def build_step(mode: str, tuning: str, k: int, mesh, batch: int):
-    """The jitted step and its abstract arguments."""
-    module = mmdit.build(SD35_MEDIUM_TRANSFORMER, dtype=jnp.float32, compute_dtype=jnp.bfloat16, remat=True)
-    apply_fn, base = functionalize(module)
-    nft = NFTConfig(beta=0.1)
-    cfg = balance.BalanceConfig(mode=mode)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4))
-    spec = lora.LoRASpec()
-    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), base)  # frozen bf16 base
-    if tuning == "lora":
-        trainable = jax.eval_shape(lambda: lora.init_lora(base, spec, jax.random.key(0)))
-        lora_apply = lora.with_lora(module, spec)
-        net = lambda train, frozen, *a: lora_apply(frozen, train, *a)
-        ref = lambda train, frozen, *a: lora_apply(frozen, None, *a)  # LoRA off: the base model
-    else:
-        trainable = base  # fp32 master weights; the frozen copy is the reference model
-        net = lambda train, frozen, *a: apply_fn(train, *a)
-        ref = lambda train, frozen, *a: apply_fn(frozen, *a)
-    r_shape = (batch,) if mode == "weighted_sum" else (k, batch)
-
-    def step(train, old, frozen, opt_state, mstate, x0, eps, t, context, pooled, r):
-        x_t = noisy_latents(x0, eps, t)
-        args = (x_t, 1000 * t, context, pooled)
-        v_old = jax.lax.stop_gradient(net(old, frozen, *args))
-        v_ref = jax.lax.stop_gradient(ref(old, frozen, *args))
-        inputs = NFTInputs(x0, x_t, t, v_old, v_ref)
-        # one micro-batch; the conditioning travels with each sample (marble_gram runs samples alone)
-        velocity = lambda p, c: net(p, frozen, c[0], 1000 * c[1], c[2], c[3])  # noqa: E731
-        one = jax.tree.map(lambda x: x[None], ((x_t, t, context, pooled), inputs, r))
-        d = balance.accumulated_direction(velocity, train, *one, mstate, nft, cfg)
-        train, opt_state = balance.optimizer_step(tx, train, opt_state, d)
-        return train, opt_state, d.state
-
-    p_shard = sharding.param_shardings(trainable, mesh)
-    f_shard = sharding.param_shardings(frozen, mesh)
-    opt = jax.eval_shape(tx.init, trainable)
-    o_shard = jax.tree.map(lambda x: sharding.NamedSharding(mesh, sharding.param_spec(x.shape, mesh.shape["fsdp"])), opt)
-    mst = jax.eval_shape(lambda: mgda.init_state(k))
-    rep = sharding.replicated(mesh)
-    bs = lambda nd: sharding.batch_sharding(mesh, nd)
-    r_sharding = sharding.NamedSharding(mesh, sharding.PartitionSpec(*([None] * (len(r_shape) - 1)), sharding.BATCH_AXES))
-    data = (
-        jax.ShapeDtypeStruct((batch, *LATENT), jnp.float32, sharding=bs(4)),
-        jax.ShapeDtypeStruct((batch, *LATENT), jnp.float32, sharding=bs(4)),
-        jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=bs(1)),
-        jax.ShapeDtypeStruct((batch, TEXT_TOKENS, TEXT_DIM), jnp.bfloat16, sharding=bs(3)),
-        jax.ShapeDtypeStruct((batch, POOLED_DIM), jnp.bfloat16, sharding=bs(2)),
-        jax.ShapeDtypeStruct(r_shape, jnp.float32, sharding=r_sharding),
+def plan(setup: Setup, config: ml_collections.ConfigDict, solve: bool = True, diagnose: bool = False) -> Plan:
+    """Lowers and compiles the trainer's update of ``setup`` / ``config`` on ``train.run_mesh(config)``."""
+    mesh = train.run_mesh(config)
+    start = time.perf_counter()
+    step, args = train.jit_train_step(setup, config, train.make_optimizer(config), mesh)
+    traced = step.trace(*args, solve, diagnose)
+    lowered = traced.lower()
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    return Plan(
+        mem.argument_size_in_bytes,
+        mem.output_size_in_bytes,
+        mem.temp_size_in_bytes,
+        mem.alias_size_in_bytes,
+        throughput.jaxpr_flops(traced.jaxpr),
+        seconds,
+        dict(mesh.shape),
+        lowered.as_text(),
     )
-    args = (
-        abstract(trainable, p_shard),
-        abstract(trainable, p_shard),
-        abstract(frozen, f_shard),
-        abstract(opt, o_shard),
-        abstract(mst, jax.tree.map(lambda _: rep, mst)),
-        *data,
-    )
-    out_shardings = (p_shard, o_shard, jax.tree.map(lambda _: rep, mst))
-    n_train = sum(x.size for x in jax.tree.leaves(trainable))
-    return jax.jit(step, out_shardings=out_shardings, donate_argnums=(0, 3)), args, n_train
 
 
-def main():
+def sd35_config(path: str, finetune: str, method: str, overrides: list[str]) -> ml_collections.ConfigDict:
+    """``get_config("sd35")`` of the config file ``path`` with ``finetune``, ``method`` and ``key=value`` overrides."""
+    file, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("plan_config", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg or "sd35")
+    config.finetune, config.method = finetune, method
+    for item in overrides:
+        key, _, value = item.partition("=")
+        node = config
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = type(node[last])(value) if node[last] is not None else value
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", default="weighted_sum,marble")
-    parser.add_argument("--tuning", default="lora,full")
-    parser.add_argument("--per-device-batch", type=int, default=2)
-    parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--fsdp", type=int, default=8)
-    args = parser.parse_args()
-    mesh = sharding.make_mesh(fsdp=args.fsdp)
-    batch = args.per_device_batch * mesh.size
-    print(f"mesh {dict(mesh.shape)}, global batch {batch} ({args.per_device_batch} per device), K = {args.k}, 512 px")
-    header = ("tuning", "mode", "trainable", "args GB", "temp GB", "out GB", "TFLOP/dev", "ms @40%", "ms @60%", "compile s")
-    widths = (7, 15, 11, 9, 9, 8, 11, 9, 9, 11)
-    print("".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
-    for tuning in args.tuning.split(","):
-        for mode in args.modes.split(","):
-            start = time.time()
-            fn, fargs, n_train = build_step(mode, tuning, args.k, mesh, batch)
-            compiled = fn.lower(*fargs).compile()
-            mem = compiled.memory_analysis()
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, list) else cost
-            flops = float(cost.get("flops", 0.0))
-            gb = 1024**3
-            row = (
-                tuning,
-                mode,
-                f"{n_train / 1e6:.1f}M",
-                f"{mem.argument_size_in_bytes / gb:.2f}",
-                f"{mem.temp_size_in_bytes / gb:.2f}",
-                f"{mem.output_size_in_bytes / gb:.2f}",
-                f"{flops / 1e12:.1f}",
-                f"{1e3 * flops / (0.4 * H200_BF16_FLOPS):.0f}",
-                f"{1e3 * flops / (0.6 * H200_BF16_FLOPS):.0f}",
-                f"{time.time() - start:.0f}",
-            )
-            print("".join(f"{c:>{w}}" for c, w in zip(row, widths, strict=True)), flush=True)
+    parser.add_argument("--rows", default="lora:weighted_sum,lora:marble_gram,full:weighted_sum")
+    parser.add_argument("--config", default="configs/k5.py:sd35")
+    parser.add_argument("--set", nargs="*", default=[], help="config overrides key=value, e.g. sample.train_batch=32")
+    args = parser.parse_args(argv)
+    header = ("tuning", "method", "mesh", "args GB", "out GB", "temp GB", "peak GB", "PFLOP", "s @40%", "compile s")
+    widths = (7, 15, 10, 9, 8, 9, 9, 8, 8, 11)
+    print(f"{len(jax.devices())} devices; config {args.config} {' '.join(args.set)}")
+    print("".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)), flush=True)
+    for row in args.rows.split(","):
+        finetune, method = row.split(":")
+        config = sd35_config(args.config, finetune, method, args.set)
+        config.model.path = config.model.path or "(abstract)"  # planned from the architecture, no snapshot read
+        train.validate(config, len(jax.devices()))
+        setup = experiment.abstract_sd3_setup(config, SD35_MEDIUM_TRANSFORMER)
+        p = plan(setup, config)
+        seconds = p.flops / (0.4 * H200_BF16_FLOPS * len(jax.devices()))
+        cells = (
+            finetune,
+            method,
+            "x".join(str(v) for v in p.mesh_shape.values()),
+            f"{p.argument_bytes / GB:.2f}",
+            f"{p.output_bytes / GB:.2f}",
+            f"{p.temp_bytes / GB:.2f}",
+            f"{p.peak_bytes / GB:.2f}",
+            f"{p.flops / 1e15:.1f}",
+            f"{seconds:.0f}",
+            f"{p.compile_s:.0f}",
+        )
+        print("".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)), flush=True)
 
 
 if __name__ == "__main__":
