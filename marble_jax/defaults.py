@@ -65,7 +65,9 @@ def get_config(scale: str = "world") -> ml_collections.ConfigDict:
             prompts_per_epoch=48,
             timestep_fraction=0.99,  # each sample trains on int(0.99 num_steps) of its grid's timesteps
             rollout_batch=48,  # images per rollout chunk (rewards of a chunk overlap the next chunk's rollout)
-            train_batch=8,  # samples per micro-batch of the update (gradients accumulated over micro-batches)
+            # samples per micro-batch of the update (gradients accumulated over micro-batches; the update is the
+            # epoch's mean whatever its size): 4 per device on 8 devices, so each device's matmuls are large enough
+            train_batch=32,
         )
     )
     c.optim = ml_collections.ConfigDict(
@@ -94,10 +96,15 @@ def get_config(scale: str = "world") -> ml_collections.ConfigDict:
             use_t5=True,
             max_sequence_length=128,
             resolution=512,
-            encode_on_cpu=True,  # text encoders in host memory; embeddings cached per prompt
+            text_dtype="bfloat16",  # CLIP-L/G and T5 parameters and compute ("" = model.dtype); T5's wo stays float32
+            text_batch=16,  # prompts per text-encoder call, every call padded to it (one compiled program)
+            encode_on_cpu=False,  # True: the encoders in host memory (then text_dtype "float32": bf16 is slow on CPU)
         )
     )
-    c.prompts = ml_collections.ConfigDict(dict(train="", eval=""))  # .txt / .jsonl files; empty: the world's splits
+    # train / eval: .txt / .jsonl files (empty: the world's splits); embeddings: a directory written by
+    # tools/encode_prompts.py (its prompts are never encoded; holding every prompt, the text encoders are not loaded);
+    # cache_gb: the LRU bound of the in-memory embedding cache
+    c.prompts = ml_collections.ConfigDict(dict(train="", eval="", embeddings="", cache_gb=4.0))
     # In-training evaluation: 40 Euler ODE steps, guidance 1.0, on the EMA parameters.
     c.eval = ml_collections.ConfigDict(
         dict(every=50, num_prompts=64, images_per_prompt=1, num_steps=40, method="euler", batch=16, grid_images=16)
@@ -105,8 +112,13 @@ def get_config(scale: str = "world") -> ml_collections.ConfigDict:
     # every: steps between saves; every_minutes: also save when this much time passed since the last save (0: off),
     # so that a preemption loses at most that much work whatever a step's length
     c.checkpoint = ml_collections.ConfigDict(dict(every=25, every_minutes=0.0, keep=3, async_save=True))
-    # The (data, fsdp) mesh; unset sizes: all devices to fsdp. num_devices: use the first n devices (default all).
-    c.mesh = ml_collections.ConfigDict(dict(data=placeholder(int), fsdp=placeholder(int), num_devices=placeholder(int)))
+    # The (data, fsdp) mesh. Unset sizes follow the placement rule (sharding.py): LoRA data-parallel (data = all
+    # devices), full fine-tuning FSDP within each host. num_devices: use the first n devices (default all).
+    # replicate_frozen_gb: frozen weights (LoRA base, reference policy; in the compute dtype) up to this size are
+    # replicated on every device, larger ones FSDP-sharded.
+    c.mesh = ml_collections.ConfigDict(
+        dict(data=placeholder(int), fsdp=placeholder(int), num_devices=placeholder(int), replicate_frozen_gb=16.0)
+    )
     c.log_every = 1
     c.eval_only_rewards = EVAL_ONLY_REWARDS[scale]
     if scale == "world":

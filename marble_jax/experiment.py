@@ -217,27 +217,43 @@ def abstract_sd3_setup(config: ml_collections.ConfigDict, transformer_config: di
 
 def _sd3_setup(config: ml_collections.ConfigDict) -> Setup:
     from marble_jax import pipeline as sd3
+    from marble_jax import prompt_cache
     from marble_jax.models.weights import read_config
 
     m = config.model
     dtype = jnp.dtype(m.dtype)
+    text_dtype = jnp.dtype(m.text_dtype) if m.text_dtype else dtype
     train_prompts = _prompt_set(config.prompts.train, None, "train")  # before the (slow) weights
     eval_prompts = _prompt_set(config.prompts.eval, None, "eval")
     train_rewards, eval_rewards = _train_and_eval_rewards(config)
-    # With encode_on_cpu every component loads into host memory; the trainer moves the transformer and the VAE
-    # to the mesh, the text encoders (T5-XXL: 19 GB in float32) never reach the accelerators.
+    snapshot, _, names = sd3.snapshot_components(m.path, m.use_t5)
+    transformer_config = read_config(snapshot / "transformer")
+    text_shape = sd3_text_shape(transformer_config, m.max_sequence_length)
+    store = None
+    if config.prompts.embeddings:  # written by tools/encode_prompts.py
+        store = prompt_cache.PrecomputedEmbeddings(config.prompts.embeddings)
+        store.check(max_sequence_length=m.max_sequence_length, use_t5="text_encoder_3" in names)
+        if tuple(store.context_shape) != text_shape[0]:
+            raise ValueError(f"{store.path}: context rows {store.context_shape}, the model needs {text_shape[0]}")
+        if store.settings.get("model") != str(m.path):
+            log.warning("%s was encoded with %s; this run's model is %s", store.path, store.settings.get("model"), m.path)
+    covered = store is not None and all(t in store for t in {"", *(p.text for p in train_prompts + eval_prompts)})
+    # The text encoders run in text_dtype (T5's wo in float32) on the default device, or with encode_on_cpu in host
+    # memory; when the precomputed embeddings hold every prompt they are not loaded at all.
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu) if m.encode_on_cpu else contextlib.nullcontext():
-        pipe = sd3.from_pretrained(m.path, dtype, use_t5=m.use_t5, params_checkpoint=m.params_checkpoint or None)
-    snapshot, _, _ = sd3.snapshot_components(m.path, m.use_t5)
-    transformer_config = read_config(snapshot / "transformer")
+        pipe = sd3.from_pretrained(m.path, dtype, use_t5=m.use_t5, params_checkpoint=m.params_checkpoint or None,
+                                   text_dtype=text_dtype, text_encoders=not covered)  # fmt: skip
     velocity, init_trainable, spec = _velocity(transformer_config, config)
     _, h, w, c = pipe.latent_shape(1, m.resolution, m.resolution)
 
     def encode(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         with jax.default_device(cpu) if m.encode_on_cpu else contextlib.nullcontext():
-            return tuple(np.asarray(a) for a in pipe.encode(list(texts), max_sequence_length=m.max_sequence_length))
+            context, pooled = pipe.encode(list(texts), max_sequence_length=m.max_sequence_length, batch=m.text_batch)
+            return np.asarray(context), np.asarray(pooled)
 
+    embed = prompt_cache.EmbeddingCache(None if covered else encode, batch=m.text_batch,
+                                        max_bytes=int(config.prompts.cache_gb * 2**30), precomputed=store)  # fmt: skip
     return Setup(
         name=f"SD3 snapshot {m.path}",
         velocity_fn=velocity,
@@ -245,9 +261,9 @@ def _sd3_setup(config: ml_collections.ConfigDict) -> Setup:
         init_trainable=init_trainable,
         decode_fn=functools.partial(sd3.decode_images, pipe.vae_decode_fn),
         decode_params=pipe.params["vae"],
-        encode=encode,
+        encode=embed,
         latent_shape=(h, w, c),
-        text_shape=sd3_text_shape(transformer_config, m.max_sequence_length),
+        text_shape=text_shape,
         shift=pipe.shift if config.sample.shift is None else config.sample.shift,
         train_prompts=train_prompts,
         eval_prompts=eval_prompts,

@@ -9,6 +9,11 @@ prompt encoding (``prompt_encoding``), the ``FlowMatchEulerDiscreteScheduler`` g
 shift (``sampling.sigma_schedule``), the MMDiT called with ``timestep = 1000 * sigma``, classifier-free
 guidance for ``guidance > 1`` with negative prompt ``""``, and the VAE's post-processing.
 
+The text encoders may be held in another dtype than the rest (``from_pretrained(..., text_dtype=...)`` or
+:func:`cast_text_encoders`), e.g. bfloat16 on the accelerator with T5's ``wo`` kept float32
+(:mod:`marble_jax.models.t5`); :meth:`SD3Pipeline.encode` with ``batch`` pads every call to one batch size
+so its program compiles once, whatever the number of prompts.
+
 Parameters can also come from an orbax checkpoint written by ``tools/convert_sd3.py`` (one item per
 component, :func:`save_params` / :func:`restore_params`: the only orbax calls of this module), which
 skips reading and converting the safetensors.
@@ -35,6 +40,8 @@ Array = jax.Array
 PyTree = Any
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 """Parameter-carrying subfolders of a snapshot; also the keys of :attr:`SD3Pipeline.params`."""
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+"""The components of :data:`COMPONENTS` that encode prompts (CLIP-L, CLIP-G, T5)."""
 _VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "spiece.model")  # a tokenizer directory has one of them
 _SCHEDULER_OPTIONS = ("use_dynamic_shifting", "invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
                       "use_beta_sigmas", "stochastic_sampling")  # fmt: skip
@@ -45,11 +52,14 @@ class SD3Pipeline:
     """Pure functions, parameters and constants of an SD3 / SD3.5 pipeline.
 
     Attributes:
-      transformer_fn: ``(params, latents [B,h,w,C], timestep [B], context [B,L,D], pooled [B,P]) -> velocity``.
+      transformer_fn: ``(params, latents [B,h,w,C], timestep [B], context [B,L,D], pooled [B,P]) -> velocity``
+        (None when loaded with ``text_only``).
       vae_decode_fn: ``(params, latents [B,h,w,C]) -> images [B,H,W,3]`` in [-1, 1] (applies the VAE's own
-        ``latents / vae_scale + vae_shift``).
-      clip_l_fn, clip_g_fn: ``(params, ids [B,77]) -> dict`` of CLIP hidden states and projections.
-      t5_fn: ``(params, ids [B,Lt]) -> [B,Lt,D]``, or None (T5 states are then zeros, as in diffusers).
+        ``latents / vae_scale + vae_shift``; None when loaded with ``text_only``).
+      clip_l_fn, clip_g_fn: ``(params, ids [B,77]) -> dict`` of CLIP hidden states and projections (None when
+        loaded without ``text_encoders``).
+      t5_fn: ``(params, ids [B,Lt]) -> [B,Lt,D]``, or None (T5 states are then zeros, as in diffusers; also None
+        without ``text_encoders``).
       params: ``{component: pytree}`` for the components of :data:`COMPONENTS` that are present.
       tokenizer, tokenizer_2, tokenizer_3: the transformers tokenizers (``tokenizer_3`` None without T5).
       shift, num_train_timesteps: the scheduler's.
@@ -59,10 +69,10 @@ class SD3Pipeline:
         default latent size is ``sample_size`` (diffusers' default image size ``sample_size * vae_scale_factor``).
     """
 
-    transformer_fn: Callable[..., Array]
-    vae_decode_fn: Callable[..., Array]
-    clip_l_fn: Callable[..., dict]
-    clip_g_fn: Callable[..., dict]
+    transformer_fn: Callable[..., Array] | None
+    vae_decode_fn: Callable[..., Array] | None
+    clip_l_fn: Callable[..., dict] | None
+    clip_g_fn: Callable[..., dict] | None
     t5_fn: Callable[..., Array] | None
     params: dict[str, PyTree]
     tokenizer: Any
@@ -78,12 +88,42 @@ class SD3Pipeline:
     patch_size: int
     joint_attention_dim: int
 
-    def encode(self, prompts: Sequence[str], *, max_sequence_length: int = 256) -> tuple[Array, Array]:
-        """``(context [B, 77 + max_sequence_length, D], pooled [B, P])`` of B prompts (diffusers' ``encode_prompt``)."""
+    def encode(self, prompts: Sequence[str], *, max_sequence_length: int = 256, batch: int | None = None) -> tuple[Array, Array]:
+        """``(context [B, 77 + max_sequence_length, D], pooled [B, P])`` of B prompts (diffusers' ``encode_prompt``),
+        in the text encoders' dtype.
+
+        Args:
+          batch: None encodes the B prompts in one call (one compiled program per B). An int encodes them in
+            chunks of exactly ``batch`` rows, the last chunk padded with empty prompts whose rows are dropped:
+            one program for any B (each row is its prompt's alone: no op mixes the rows of a batch).
+
+        Raises:
+          ValueError: for ``batch < 1``, or a pipeline loaded without its text encoders.
+        """
+        prompts = list(prompts)
+        if self.clip_l_fn is None:
+            raise ValueError("this SD3Pipeline was loaded without its text encoders (from_pretrained text_encoders=False)")
+        if batch is None:
+            return self._encode_rows(prompts, max_sequence_length)
+        if batch < 1:
+            raise ValueError(f"encode: batch must be >= 1, got {batch}")
+        chunks = []
+        for i in range(0, max(len(prompts), 1), batch):
+            chunk = prompts[i : i + batch]
+            chunks.append(self._encode_rows(chunk + [""] * (batch - len(chunk)), max_sequence_length))
+        if len(chunks) == 1 and len(prompts) == batch:
+            return chunks[0]
+        return tuple(jnp.concatenate(parts)[: len(prompts)] for parts in zip(*chunks, strict=True))
+
+    def _encode_rows(self, prompts: list[str], max_sequence_length: int) -> tuple[Array, Array]:
         tokens = tokenize(prompts, self.tokenizer, self.tokenizer_2, self.tokenizer_3, max_sequence_length=max_sequence_length)
-        text_params = {k: v for k, v in self.params.items() if k.startswith("text_encoder")}
+        text_params = {k: v for k, v in self.params.items() if k in TEXT_ENCODERS}
         return _encode(self.clip_l_fn, self.clip_g_fn, self.t5_fn, text_params, tokens,
                        joint_attention_dim=self.joint_attention_dim, max_sequence_length=max_sequence_length)  # fmt: skip
+
+    def with_text_dtype(self, dtype) -> SD3Pipeline:
+        """This pipeline with its text encoders' parameters cast by :func:`cast_text_encoders`."""
+        return dataclasses.replace(self, params=cast_text_encoders(self.params, dtype))
 
     def sigmas(self, num_steps: int) -> Array:
         """The sampling grid ``[num_steps + 1]`` (diffusers' ``scheduler.sigmas``)."""
@@ -174,6 +214,22 @@ class SD3Pipeline:
         latents = self.generate_latents(context, pooled, key, negative=negative, num_steps=num_steps, guidance=guidance,
                                         method=method, height=height, width=width)  # fmt: skip
         return self.decode(latents)
+
+
+def cast_text_encoders(params: dict[str, PyTree], dtype) -> dict[str, PyTree]:
+    """``params`` (``{component: pytree}``, as :attr:`SD3Pipeline.params`) with the :data:`TEXT_ENCODERS` cast
+    to ``dtype`` (floating leaves), T5's ``wo`` kept in at least float32 (:func:`marble_jax.models.t5.cast_params`);
+    the other components are returned as they are. The encoders then compute in ``dtype`` (bfloat16: half the
+    memory of float32, and the accelerator's fast path) and :meth:`SD3Pipeline.encode` returns ``dtype``.
+    ``from_pretrained(..., text_dtype=dtype)`` loads them so without a float32 copy."""
+    out = dict(params)
+    for name in TEXT_ENCODERS:
+        if name in out:
+            if name == "text_encoder_3":
+                out[name] = t5.cast_params(out[name], dtype)
+            else:
+                out[name] = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, out[name])
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("clip_l_fn", "clip_g_fn", "t5_fn", "joint_attention_dim", "max_sequence_length"))
@@ -302,7 +358,14 @@ def _scheduler_config(snapshot: Path) -> dict:
 
 
 def from_pretrained(
-    path: str | os.PathLike, dtype=jnp.float32, *, use_t5: bool = True, params_checkpoint: str | os.PathLike | None = None
+    path: str | os.PathLike,
+    dtype=jnp.float32,
+    *,
+    use_t5: bool = True,
+    params_checkpoint: str | os.PathLike | None = None,
+    text_dtype=None,
+    text_only: bool = False,
+    text_encoders: bool = True,
 ) -> SD3Pipeline:
     """An :class:`SD3Pipeline` from a diffusers SD3 / SD3.5 snapshot directory or HF cache repo id.
 
@@ -312,11 +375,20 @@ def from_pretrained(
       use_t5: load T5 if the snapshot has it; False runs without it (diffusers' ``text_encoder_3=None``).
       params_checkpoint: a directory written by ``tools/convert_sd3.py`` to read the parameters from
         (cast to ``dtype``) instead of the safetensors.
+      text_dtype: the text encoders' parameter (and compute) dtype, default ``dtype``; T5's ``wo`` stays in at
+        least float32 (:func:`cast_text_encoders`). Each weight is cast on the host as it is read.
+      text_only: load only the text encoders and tokenizers (``transformer_fn`` / ``vae_decode_fn`` None; the
+        sampling constants still come from the configs): what encoding prompts needs.
+      text_encoders: False loads no text encoder (``clip_l_fn``, ``clip_g_fn``, ``t5_fn`` None; the tokenizers are
+        still read): for prompts whose embeddings were precomputed (``tools/encode_prompts.py``).
 
     Raises:
       FileNotFoundError: naming a missing ``model_index.json``, subfolder, tokenizer or checkpoint item.
-      ValueError / WeightError: for an unsupported config or weights that do not fit it.
+      ValueError / WeightError: for an unsupported config or weights that do not fit it, or ``text_only`` without
+        ``text_encoders``.
     """
+    if text_only and not text_encoders:
+        raise ValueError("from_pretrained: text_only and text_encoders=False leave nothing to load")
     snapshot, index, names = snapshot_components(path, use_t5)
     with_t5 = "text_encoder_3" in names
     transformer = mmdit.MMDiTConfig.from_dict(read_config(snapshot / "transformer"))
@@ -326,16 +398,19 @@ def from_pretrained(
     tokenizers.append(_tokenizer(snapshot, index, "tokenizer_3") if with_t5 else None)
     fns, params = {}, {}
     for name in names:
+        if (text_only and name not in TEXT_ENCODERS) or (not text_encoders and name in TEXT_ENCODERS):
+            continue
+        component_dtype = text_dtype if name in TEXT_ENCODERS and text_dtype is not None else dtype
         if params_checkpoint is None:
-            fns[name], params[name] = load_component(snapshot, name, dtype)
+            fns[name], params[name] = load_component(snapshot, name, component_dtype)
         else:
-            fns[name], abstract = abstract_component(snapshot, name, dtype)
+            fns[name], abstract = abstract_component(snapshot, name, component_dtype)
             params[name] = restore_params(Path(params_checkpoint) / name, abstract)
     return SD3Pipeline(
-        transformer_fn=fns["transformer"],
-        vae_decode_fn=fns["vae"],
-        clip_l_fn=fns["text_encoder"],
-        clip_g_fn=fns["text_encoder_2"],
+        transformer_fn=fns.get("transformer"),
+        vae_decode_fn=fns.get("vae"),
+        clip_l_fn=fns.get("text_encoder"),
+        clip_g_fn=fns.get("text_encoder_2"),
         t5_fn=fns.get("text_encoder_3"),
         params=params,
         tokenizer=tokenizers[0],

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from marble_jax import advantages, balance, dpo, mgda, run_log, sampling, sharding, throughput
+from marble_jax import advantages, balance, dpo, mgda, prompt_cache, run_log, sampling, sharding, throughput
 from marble_jax.checkpoint import Checkpointer
 from marble_jax.experiment import Setup
 from marble_jax.nft_loss import NFTConfig, NFTInputs
@@ -63,6 +63,10 @@ RESUMABLE_CHANGES = (
     "mesh",
     "mesh.*",
     "model.remat",
+    "model.encode_on_cpu",
+    "model.text_batch",
+    "prompts.cache_gb",
+    "prompts.embeddings",
     "reward_options.*.batch_size",
     "reward_options.*.device",
     "reward_options.*.workers",
@@ -86,23 +90,6 @@ class TrainState(NamedTuple):
     opt_state: Any
     mgda: mgda.MGDAState
     key: Array
-
-
-class EmbeddingCache:
-    """Host-side cache of prompt embeddings: each prompt is encoded once (the text encoders need not stay in
-    accelerator memory during training)."""
-
-    def __init__(self, encode: Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]], batch: int = 64):
-        self._encode, self._batch, self._cache = encode, batch, {}
-
-    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """``(context [N, L, D], pooled [N, Dp])`` of ``texts``."""
-        todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        for i in range(0, len(todo), self._batch):
-            chunk = todo[i : i + self._batch]
-            context, pooled = self._encode(chunk)
-            self._cache.update({t: (np.asarray(c), np.asarray(p)) for t, c, p in zip(chunk, context, pooled, strict=True)})
-        return np.stack([self._cache[t][0] for t in texts]), np.stack([self._cache[t][1] for t in texts])
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -682,7 +669,7 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
         return programs[key]
 
     live_fn = jax.jit(lambda r: live_rewards(_reward_weights(r, s.prompts_per_epoch, config)))
-    embed = EmbeddingCache(setup.encode)
+    embed = setup.encode if isinstance(setup.encode, prompt_cache.EmbeddingCache) else prompt_cache.EmbeddingCache(setup.encode)
     text_dtype = frozen_dtype(config)
     weights = np.array([float(config.reward_weights.get(n, 1.0)) for n in names], np.float32)
     # TensorBoard event files (process 0); the console gets the progress line and the evaluations.

@@ -15,6 +15,7 @@ import torch
 from helpers import rel_err, t64, tiny_sd3_pipeline, torch_float64
 
 from marble_jax import pipeline
+from marble_jax.models.functional import path_leaves
 
 # float32 parity against diffusers' pipeline run in float64 (every component, its float32 casts too): measured
 # <= 3.7e-7 (latents after 4 guided steps) and 7.6e-7 (decoded images); 1e-5 leaves >= 13x.
@@ -152,3 +153,63 @@ def test_snapshot_resolution_and_errors_naming_what_is_missing(with_t5, tmp_path
         pipeline.from_pretrained(empty_tokenizer)
     with pytest.raises(FileNotFoundError, match="nothing/transformer"):
         pipeline.from_pretrained(path, params_checkpoint=tmp_path / "nothing")
+
+
+# Each row of a padded batch against the prompt encoded alone (float32, both ours): XLA's batch-size-dependent GEMM
+# blocking is the only difference. Measured <= 3.0e-7 of max |row|; TOL leaves >= 33x.
+ENCODE_PROMPTS = [f"a {' '.join(['red', 'cat', 'dog'][: i % 3 + 1])} {'cat ' * (i // 3)}{chr(97 + i)}" for i in range(17)]
+
+
+def test_encode_pads_to_a_fixed_batch_and_compiles_once(with_t5):
+    _, _, pipe = with_t5
+    alone = [pipe.encode([p], max_sequence_length=T5_LENGTH) for p in ENCODE_PROMPTS]
+    before = pipeline._encode._cache_size()
+    errors = []
+    for n in (3, 5, 17, 4):
+        context, pooled = pipe.encode(ENCODE_PROMPTS[:n], max_sequence_length=T5_LENGTH, batch=4)
+        assert context.shape == (n, 77 + T5_LENGTH, 32) and pooled.shape == (n, 20)
+        for i in range(n):
+            errors += [rel_err(context[i], alone[i][0][0]), rel_err(pooled[i], alone[i][1][0])]
+    assert pipeline._encode._cache_size() - before == 1  # one program (batch 4) for 3, 5, 17 and 4 prompts
+    print(f"padded batch rows vs each prompt alone: {max(errors):.2e}")
+    assert max(errors) < TOL
+    empty = pipe.encode([], max_sequence_length=T5_LENGTH, batch=4)
+    assert empty[0].shape == (0, 77 + T5_LENGTH, 32) and empty[1].shape == (0, 20)
+    with pytest.raises(ValueError, match="batch"):
+        pipe.encode(ENCODE_PROMPTS, batch=0)
+
+
+# bfloat16 text encoders (T5's wo float32) against float32: bfloat16 rounding of weights and activations through two
+# CLIP towers and T5, measured 1.1e-2 (context) and 7.2e-3 (pooled); 3e-2 (4 bfloat16 ulps at max |ref|) leaves >= 2.6x.
+BF16_TOL = 3e-2
+
+
+def test_text_encoders_in_bfloat16_with_t5_wo_float32(with_t5):
+    path, _, pipe = with_t5
+    text = pipeline.from_pretrained(path, text_dtype=jnp.bfloat16, text_only=True)
+    assert text.transformer_fn is None and text.vae_decode_fn is None and set(text.params) == set(pipeline.TEXT_ENCODERS)
+    leaves = [(name, p, leaf) for name in text.params for p, leaf in path_leaves(text.params[name])]
+    assert all(leaf.dtype == (jnp.float32 if p[-2] == "wo" else jnp.bfloat16) for _, p, leaf in leaves), leaves
+    assert sum(p[-2] == "wo" for _, p, _ in leaves) == 2  # the tiny T5's two blocks
+    cast = pipe.with_text_dtype(jnp.bfloat16)  # the same cast of the float32 parameters, on the device
+    assert cast.params["transformer"] is pipe.params["transformer"]
+    for name in pipeline.TEXT_ENCODERS:
+        same = jax.tree.map(lambda a, b: a.dtype == b.dtype and np.array_equal(a, b), cast.params[name], text.params[name])
+        assert all(jax.tree.leaves(same)), name
+    context, pooled = text.encode(PROMPTS, max_sequence_length=T5_LENGTH, batch=2)
+    assert context.dtype == pooled.dtype == jnp.bfloat16
+    ref = pipe.encode(PROMPTS, max_sequence_length=T5_LENGTH)
+    errors = rel_err(context.astype(jnp.float32), ref[0]), rel_err(pooled.astype(jnp.float32), ref[1])
+    print(f"bfloat16 encoders vs float32: context {errors[0]:.2e}, pooled {errors[1]:.2e}")
+    assert max(errors) < BF16_TOL
+
+
+def test_without_text_encoders(with_t5):
+    path, _, pipe = with_t5
+    bare = pipeline.from_pretrained(path, text_encoders=False)
+    assert set(bare.params) == {"transformer", "vae"} and bare.clip_l_fn is bare.t5_fn is None
+    assert bare.transformer_fn is not None and bare.latent_shape(1) == pipe.latent_shape(1)
+    with pytest.raises(ValueError, match="without its text encoders"):
+        bare.encode(PROMPTS)
+    with pytest.raises(ValueError, match="nothing to load"):
+        pipeline.from_pretrained(path, text_only=True, text_encoders=False)

@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 from marble_jax.models import clip, convert, prompt_encoding, t5
+from marble_jax.models.functional import path_leaves
 from marble_jax.models.weights import WeightError
 
 # float32 parity, against transformers / diffusers run in float64 (float64 weights, float32 casts inside, T5's
@@ -231,3 +232,88 @@ def test_prompt_encoding_matches_sd3_pipeline(tmp_path, with_t5):
         errors = (rel_err(ours_ctx, ctx), rel_err(ours_pooled, pooled))
         print(f"context, pooled vs float64: {errors[0]:.2e}, {errors[1]:.2e}")
         assert max(errors) < TOL, errors
+
+
+# ---------------------------------------------------------------- lower-precision text encoders (T5's wo in float32)
+
+
+def _t5_with_large_feed_forward(path, scale: float):
+    """The tiny gated T5 with every ``wo`` scaled by ``scale``: its feed-forward outputs (and the residual stream)
+    reach about 1e5 at ``scale`` 3e4, beyond float16's 65504."""
+    _t5(T5_GATED, path)
+    state = {k: v * np.float32(scale) if k.endswith("DenseReluDense.wo.weight") else v
+             for k, v in load_file(path / "model.safetensors").items()}  # fmt: skip
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return T5EncoderModel.from_pretrained(path).eval()
+
+
+def _dtypes(params):
+    return {".".join(map(str, path)): leaf.dtype.name for path, leaf in path_leaves(params)}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_t5_low_precision_keeps_wo_float32_in_every_path(tmp_path, dtype):
+    _t5(T5_GATED, tmp_path)
+    _, params32 = convert.load_t5(tmp_path)
+    _, loaded = convert.load_t5(tmp_path, dtype)
+    kinds = _dtypes(loaded)
+    assert all(v == ("float32" if k.endswith(".ffn.wo.kernel") else dtype) for k, v in kinds.items()), kinds
+    assert sum(v == "float32" for v in kinds.values()) == T5_GATED["num_layers"]
+    # the loader's host cast, cast_params of the float32 tree and from_config's abstract tree agree
+    cast = t5.cast_params(params32, dtype)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: a.dtype == b.dtype and np.array_equal(a, b), cast, loaded)))
+    assert _dtypes(_random_shapes(lambda c, key: t5.from_config(c, key=key, dtype=dtype), T5_GATED)) == kinds
+    assert t5.cast_params(loaded, dtype)["blocks"][0]["ffn"]["wo"]["kernel"] is loaded["blocks"][0]["ffn"]["wo"]["kernel"]
+
+
+# float16 (eps 2^-10), T5 with feed-forward outputs of about 1e5: transformers loads it with wo in float32
+# (_keep_in_fp32_modules applies to float16) and so do we; all-float16 overflows. Measured vs transformers' float16:
+# 2.7e-3, vs float64 2.9e-3 (transformers': 3.7e-3). 1e-2 (about 10 float16 ulps at max |ref|) leaves >= 3.4x.
+F16_TOL = 1e-2
+
+
+def test_t5_float16_with_wo_float32_matches_transformers_and_does_not_overflow(tmp_path):
+    model = _t5_with_large_feed_forward(tmp_path, 3e4)
+    ids = _padded_ids(np.random.default_rng(1), [40, 5, 0], 48, None, 1, 0, 34)
+    with torch.no_grad(), torch_float64():
+        ref64 = float64_copy(model)(torch.from_numpy(ids).long(), output_hidden_states=True)
+    assert max(float(h.abs().max()) for h in ref64.hidden_states) > 1.5 * float(np.finfo(np.float16).max)
+    ref16 = T5EncoderModel.from_pretrained(tmp_path, dtype=torch.float16).eval()
+    assert ref16.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    with torch.no_grad():
+        ref = ref16(torch.from_numpy(ids).long()).last_hidden_state
+    assert ref.dtype == torch.float16 and torch.isfinite(ref).all()
+
+    apply_fn, params = convert.load_t5(tmp_path, "float16")
+    ours = jax.jit(apply_fn)(params, ids)
+    assert ours.dtype == np.float16 and np.isfinite(np.asarray(ours)).all()
+    errors = rel_err(ours, ref.float()), rel_err(ours, ref64.last_hidden_state)
+    print(f"T5 float16 (wo float32) vs transformers float16, vs float64: {errors[0]:.2e}, {errors[1]:.2e}")
+    assert max(errors) < F16_TOL
+    all_f16 = jax.tree.map(lambda x: x.astype(np.float16), params)
+    assert not np.isfinite(np.asarray(jax.jit(apply_fn)(all_f16, ids))).all()  # what keeping wo in float32 avoids
+
+
+# bfloat16 (eps 2^-7) against torch's bfloat16 T5 with wo in float32 (transformers' forward casts the hidden state to
+# wo's dtype; from_pretrained keeps wo float32 for float16 only, so the test sets it). Measured 1.0e-2 (gated-gelu) and
+# 7.5e-3 (relu); vs float64 1.3e-2 and 9.9e-3. 3e-2 (4 bfloat16 ulps at max |ref|) leaves >= 2.3x.
+BF16_TOL = 3e-2
+
+
+@pytest.mark.parametrize("ffn", ["gated-gelu", "relu"])
+def test_t5_bfloat16_with_wo_float32_matches_torch(tmp_path, ffn):
+    model = _t5({**T5_GATED, "feed_forward_proj": ffn}, tmp_path)
+    ids = _padded_ids(np.random.default_rng(1), [40, 5, 0], 48, None, 1, 0, 34)
+    with torch.no_grad(), torch_float64():
+        ref64 = float64_copy(T5EncoderModel.from_pretrained(tmp_path))(torch.from_numpy(ids).long()).last_hidden_state
+    model = model.to(torch.bfloat16)
+    for block in model.encoder.block:
+        block.layer[1].DenseReluDense.wo.float()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids).long()).last_hidden_state
+    apply_fn, params = convert.load_t5(tmp_path, "bfloat16")
+    ours = jax.jit(apply_fn)(params, ids)
+    assert ours.dtype.name == "bfloat16" and ref.dtype == torch.bfloat16
+    errors = rel_err(ours.astype(np.float32), ref.float()), rel_err(ours.astype(np.float32), ref64)
+    print(f"T5 bfloat16 (wo float32) vs torch bfloat16 (wo float32), vs float64: {errors[0]:.2e}, {errors[1]:.2e}")
+    assert max(errors) < BF16_TOL

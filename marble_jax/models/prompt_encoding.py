@@ -61,6 +61,8 @@ def encode_prompt(
 
     With ``t5`` None the T5 part is zeros ``[B, max_sequence_length, joint_attention_dim]`` (the MMDiT's
     ``joint_attention_dim``); otherwise ``Dt`` and ``Lt`` come from T5 and the two keywords are unused.
+    The outputs are in the encoders' output dtype (bfloat16 encoders, e.g. ``pipeline.cast_text_encoders``, give
+    bfloat16; T5's float32 ``wo`` does not change its output dtype). Each row depends on its own ids alone.
     Pure in the params: ``jax.jit`` it by closing over the three ``apply_fn``.
     """
     out_l = clip_l[0](clip_l[1], tokens["clip_l"])

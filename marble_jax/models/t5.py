@@ -7,6 +7,16 @@ variance in float32). Attention logits are not scaled; a learned relative-positi
 and added in every block. Feed-forward: ``wo(act(wi_0 x) * wi_1 x)`` for ``gated-*``
 (``gated-gelu`` uses the tanh GELU), else ``wo(act(wi x))``. No attention mask: SD3 encodes the
 padded sequence as it is.
+
+Mixed precision: every parameter is held in the loader's ``dtype`` except the feed-forward output projections
+``wo`` (:data:`KEEP_IN_FLOAT32`), held in at least float32, as transformers keeps them for T5
+(``T5PreTrainedModel._keep_in_fp32_modules = ["wo"]``; transformers applies it when loading in float16,
+not bfloat16). ``nnx.Linear`` promotes its input to its kernel's dtype, as transformers' feed-forward casts the
+hidden state to ``wo.weight.dtype`` before ``wo``, so ``wo`` computes and returns float32; the residual sum
+``x + ffn(...)`` then promotes the residual stream to float32 from the first block on, as torch's ``bf16 + fp32``
+does. Every norm returns its scale's dtype, so attention, ``wi`` and the output (final norm) are in ``dtype``.
+In float16 this is what keeps a large feed-forward output from overflowing; in bfloat16 it keeps the residual
+stream's precision (:func:`cast_params` casts a loaded tree the same way).
 """
 
 from __future__ import annotations
@@ -23,11 +33,33 @@ from flax import nnx
 
 from marble_jax.models.activations import ACTIVATIONS, check_activation
 from marble_jax.models.attention import attention
-from marble_jax.models.functional import abstract_module, functionalize, random_params
+from marble_jax.models.functional import abstract_module, functionalize, path_leaves, random_params
 from marble_jax.models.weights import assign, plan_by_path
 
 Array = jax.Array
 PyTree = Any
+KEEP_IN_FLOAT32 = ("wo",)
+"""Modules whose parameters stay in (at least) float32 in a lower-precision T5 (transformers' ``_keep_in_fp32_modules``)."""
+
+
+def kept_dtype(dtype) -> jnp.dtype:
+    """The dtype of a :data:`KEEP_IN_FLOAT32` parameter in a T5 of ``dtype``: ``dtype`` promoted to at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def cast_params(params: PyTree, dtype) -> PyTree:
+    """``params`` (a T5 tree) with every floating leaf cast to ``dtype``, those under a :data:`KEEP_IN_FLOAT32`
+    module to :func:`kept_dtype` ``(dtype)``; the result has the structure and dtypes of :func:`from_config`'s
+    ``(dtype)``. Leaves already in their dtype are returned as they are (no copy)."""
+
+    def cast(path, x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        keys = {getattr(k, "key", getattr(k, "idx", k)) for k in path}
+        target = kept_dtype(dtype) if keys & set(KEEP_IN_FLOAT32) else jnp.dtype(dtype)
+        return x if x.dtype == target else x.astype(target)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +154,8 @@ class T5Attention(nnx.Module):
 
 
 class T5FeedForward(nnx.Module):
-    """``wo(act(wi_0 x) * wi_1 x)`` (gated) or ``wo(act(wi x))``; ``[B,L,D] -> [B,L,D]``."""
+    """``wo(act(wi_0 x) * wi_1 x)`` (gated) or ``wo(act(wi x))``; ``[B,L,D] -> [B,L,D]`` in ``wo``'s dtype
+    (:func:`kept_dtype`: the hidden state is promoted to it before ``wo``, as transformers casts it)."""
 
     def __init__(self, cfg: T5Config, *, dtype, rngs: nnx.Rngs):
         self.act = cfg.activation
@@ -132,7 +165,7 @@ class T5FeedForward(nnx.Module):
             self.wi_1 = nnx.Linear(cfg.d_model, cfg.d_ff, use_bias=False, param_dtype=dtype, rngs=rngs)
         else:
             self.wi = nnx.Linear(cfg.d_model, cfg.d_ff, use_bias=False, param_dtype=dtype, rngs=rngs)
-        self.wo = nnx.Linear(cfg.d_ff, cfg.d_model, use_bias=False, param_dtype=dtype, rngs=rngs)
+        self.wo = nnx.Linear(cfg.d_ff, cfg.d_model, use_bias=False, param_dtype=kept_dtype(dtype), rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
         act = ACTIVATIONS[self.act]
@@ -196,7 +229,8 @@ def _ignored(key: str) -> bool:
 
 def from_config(config: Mapping[str, Any], *, key: Array | None, dtype=jnp.float32) -> tuple[Callable, PyTree]:
     """``(apply_fn, params)`` with random params (:func:`~marble_jax.models.functional.random_params`), or
-    with ``key=None`` the abstract ``ShapeDtypeStruct`` tree; ``apply_fn(params, input_ids [B,L]) -> [B,L,D]``."""
+    with ``key=None`` the abstract ``ShapeDtypeStruct`` tree; ``apply_fn(params, input_ids [B,L]) -> [B,L,D]``.
+    Parameters in ``dtype``, ``wo`` in :func:`kept_dtype` ``(dtype)`` (see the module doc)."""
     cfg = T5Config.from_transformers(config)
     apply_fn, abstract = functionalize(abstract_module(lambda rngs: T5Encoder(cfg, dtype=dtype, rngs=rngs)))
     return apply_fn, abstract if key is None else random_params(abstract, key)
@@ -209,7 +243,9 @@ def from_torch_state(
     ``apply_fn(params, input_ids [B,L]) -> last_hidden_state [B,L,D]``.
 
     The embedding is read from the first of :data:`_EMBED_KEYS` present; decoder keys (a full T5
-    checkpoint) and the second copy of the tied embedding are ignored.
+    checkpoint) and the second copy of the tied embedding are ignored. Each weight is cast on the host to its
+    leaf's dtype (``dtype``; ``wo``: :func:`kept_dtype`), from the file's own values (``wo`` is never rounded
+    through ``dtype``).
 
     Raises:
       WeightError: listing missing / unexpected keys, or naming a key with a wrong shape.
@@ -218,4 +254,11 @@ def from_torch_state(
     apply_fn, target = from_config(config, key=None, dtype=dtype)
     embed_key = next((k for k in _EMBED_KEYS if k in state), _EMBED_KEYS[0])
     renames = {**_TORCH_NAMES, "embed_tokens": embed_key.removesuffix(".weight")}
-    return apply_fn, assign(target, plan_by_path(target, renames), state, source=source, dtype=dtype, ignore=_ignored)
+    plan = plan_by_path(target, renames)
+    dtypes = dict(path_leaves(target))
+    plan = {path: (key, _then_cast(transform, dtypes[path].dtype)) for path, (key, transform) in plan.items()}
+    return apply_fn, assign(target, plan, state, source=source, dtype=None, ignore=_ignored)
+
+
+def _then_cast(transform: Callable[[np.ndarray], np.ndarray], dtype) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda value: np.asarray(transform(value)).astype(dtype, copy=False)
