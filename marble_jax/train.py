@@ -531,6 +531,13 @@ def frozen_layout(setup: Setup, config: ml_collections.ConfigDict, mesh: jax.sha
     return abstract, sharding.frozen_shardings(abstract, mesh, limit)
 
 
+def place_frozen(setup: Setup, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> PyTree:
+    """``setup.base_params`` cast and placed as :func:`frozen_layout` says (the trainer's frozen base)."""
+    frozen, shardings = frozen_layout(setup, config, mesh)
+    cast = lambda tree: jax.tree.map(lambda x, a: x.astype(a.dtype), tree, frozen)  # noqa: E731
+    return jax.jit(cast, out_shardings=shardings)(setup.base_params)
+
+
 def jit_train_step(
     setup: Setup, config: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
 ) -> tuple[Callable, tuple]:
@@ -632,7 +639,6 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
     root = jax.random.key(config.seed)
     rep = sharding.replicated(mesh)
     target, state_sh = state_layout(setup, config, tx, mesh)
-    frozen, base_sh = frozen_layout(setup, config, mesh)
     decode_params = jax.device_put(setup.decode_params, rep)
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -652,8 +658,7 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
         step, state, saved_meta = restored
         _check_resumable(saved_meta.get("config", {}), meta["config"])
         log.info("resumed from %s step %d", workdir / "checkpoints", step)
-    cast = lambda tree: jax.tree.map(lambda x, a: x.astype(a.dtype), tree, frozen)  # noqa: E731
-    base = jax.jit(cast, out_shardings=base_sh)(setup.base_params)
+    base = place_frozen(setup, config, mesh)
     if writes:
         (workdir / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
 

@@ -224,3 +224,17 @@ def test_step_rows_carry_phase_times_and_throughput(world, tmp_path):
         assert row["throughput/images_per_s"] == pytest.approx(batch / row["time/step_s"])
         assert "mfu/step" not in row  # a CPU has no known peak
     assert "time/checkpoint_s" in rows[-1] and "time/eval_s" in rows[0]
+
+
+def test_bench_gpu_smoke(capsys):
+    """``tools/bench_gpu.py --tiny`` (the H200 benchmark's CPU smoke test) runs the trainer's update, attention and a
+    rollout and prints its table."""
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "tools" / "bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--tiny", "--methods", "weighted_sum,marble_gram", "--reps", "1", "--num-steps", "4"])
+    out = capsys.readouterr().out
+    table = [line.split() for line in out.splitlines() if line.strip().startswith(("weighted_sum ", "marble_gram "))]
+    assert [row[0] for row in table] == ["weighted_sum", "marble_gram"] and float(table[0][2]) == 1.0
+    assert all(float(row[1]) > 0 for row in table)
+    assert "attention fwd+bwd: einsum" in out and "images/s" in out

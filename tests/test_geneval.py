@@ -183,6 +183,44 @@ def test_missing_checkpoints_name_the_option_and_the_public_checkpoint(checkpoin
         GE.load_color_classifier(str(partial))
 
 
+def test_device_auto_is_the_accelerator_when_torch_sees_one(monkeypatch):
+    from marble_jax import rewards
+
+    assert rewards.default_options("geneval")["device"] == "auto"  # the config key and its default
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert GE.resolve_device("auto") == "cpu"
+    assert GE.resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match=r"device='cuda': torch sees 0 CUDA devices"):
+        GE.resolve_device("cuda")
+
+    class FakeGpu:
+        platform, local_hardware_id = "gpu", 2
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert GE.resolve_device("auto") == "cuda"  # JAX on the CPU here: torch's current GPU
+    monkeypatch.setattr(GE.jax, "local_devices", lambda: [FakeGpu()])
+    assert GE.resolve_device("auto") == "cuda:2"  # this process's JAX GPU (one process per GPU)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert GE.resolve_device("auto") == "cuda"  # an ordinal torch does not see: its current GPU
+    assert GE.resolve_device("cuda:1") == "cuda:1"  # explicit values are kept
+    assert GE.resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match=r"device='cuda:2': torch sees 2 CUDA devices"):
+        GE.resolve_device("cuda:2")
+    for bad in ("gpu", "cuda:x", ""):
+        with pytest.raises(ValueError, match=rf"geneval option device={bad!r} is not a torch device; use one of auto, cpu"):
+            GE.resolve_device(bad)
+
+
+def test_detector_device_auto_and_unknown(checkpoints):
+    detector, clip_dir = checkpoints
+    with pytest.raises(ValueError, match="device='tpu0' is not a torch device"):
+        GE.geneval(detector_path=str(detector), clip_path=str(clip_dir), device="tpu0")
+    loaded = GE.load_detector(str(detector))  # device "auto": the CPU here, the accelerator where torch sees one
+    assert loaded.device == GE.resolve_device("auto")
+    assert next(loaded.model.parameters()).device.type == torch.device(loaded.device).type
+
+
 # --- colour ---------------------------------------------------------------------------------------------
 
 
@@ -307,7 +345,8 @@ def test_whole_path_with_tiny_models(checkpoints):
     sub = images[with_meta]
 
     # Detections the rules see = transformers' post-processing, renamed, boxes from the masks (same batches of 2).
-    detections = GE.detect(GE.load_detector(str(detector_dir), batch_size=2), sub)
+    # On the CPU, as the reference: exact comparisons (on a GPU, TF32 convolutions move the scores).
+    detections = GE.detect(GE.load_detector(str(detector_dir), device="cpu", batch_size=2), sub)
     expected = reference_detections(detector_dir, sub, batch=2)
     for ours, ref in zip(detections, expected, strict=True):
         assert [(d.name, d.score, d.box) for d in ours] == [(n, s, tuple(float(v) for v in b)) for n, s, b, _ in ref]
@@ -335,8 +374,8 @@ def test_whole_path_with_tiny_models(checkpoints):
         # nothing found: (0, 0)
         {"tag": "single_object", "include": [{"class": "zebra", "count": 1}]},
     ]
-    reward = GE.geneval(detector_path=str(detector_dir), clip_path=str(clip_dir), batch_size=2)
-    strict = GE.geneval(detector_path=str(detector_dir), clip_path=str(clip_dir), strict=True, batch_size=2)
+    paths = dict(detector_path=str(detector_dir), clip_path=str(clip_dir), device="cpu", batch_size=2)
+    reward, strict = GE.geneval(**paths), GE.geneval(**paths, strict=True)
     partial_out, strict_out = reward(images, prompts, metadata), strict(images, prompts, metadata)
     print(f"partial {partial_out}, strict {strict_out}; colours of {nc} {c}: {colors_c}")
     for out in (partial_out, strict_out):

@@ -47,3 +47,21 @@ SD35_LARGE_TRANSFORMER = dict(
     dual_attention_layers=[],
     qk_norm="rms_norm",
 )
+SD3_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=16,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=True,
+)
+"""The SD3 / SD3.5 VAE (``vae/config.json``, shared by Medium and Large)."""

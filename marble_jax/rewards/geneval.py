@@ -11,7 +11,10 @@ As GenEval's ``evaluation/evaluate_images.py`` (and Flow-GRPO's reward server, a
   thresholds, then resizes the binary masks to the image by nearest neighbour). Each instance
   becomes a :class:`Detection`: the detector's COCO label renamed to GenEval's object name
   (:data:`COCO_RENAMES`), the score, the mask and its bounding box ``(x0, y0, x1 + 1, y1 + 1)``
-  (mmdetection's ``mask2bbox``, which GenEval's boxes come from).
+  (mmdetection's ``mask2bbox``, which GenEval's boxes come from). The detector runs on the accelerator
+  when torch sees one (``device="auto"``, :func:`resolve_device`), as GenEval runs it; there torch's
+  default TF32 convolutions and other kernels move the scores by float rounding, so a detection at a
+  threshold may differ from a CPU run.
 * **Filtering** (in the rules): per class keep scores ``> 0.3`` (``> 0.9`` for counting prompts),
   most confident first, at most 16; no NMS.
 * **Colour**: for the kept detections of every class with a colour clause, the image with the pixels
@@ -137,6 +140,44 @@ def detections_from_outputs(
     return out
 
 
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """The torch device of the detector: ``"auto"`` is the accelerator when torch sees CUDA, else ``"cpu"``;
+    other values (``"cpu"``, ``"cuda"``, ``"cuda:1"``, any torch device string) are kept.
+
+    With CUDA, ``"auto"`` is ``"cuda:N"`` for the GPU of this process's first local JAX device when JAX runs
+    on GPUs (one process per GPU then puts each detector on its own GPU, not all on GPU 0), else ``"cuda"``.
+
+    Raises:
+      ValueError: naming the option, for a string that is not a torch device, or a CUDA device torch
+        does not see.
+    """
+    import torch
+
+    if device == "auto":
+        if not torch.cuda.is_available():
+            return "cpu"
+        ordinal = _jax_gpu_ordinal()
+        return f"cuda:{ordinal}" if ordinal is not None and ordinal < torch.cuda.device_count() else "cuda"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"geneval option device={device!r} is not a torch device; use one of {', '.join(DEVICES)}") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            raise ValueError(f"geneval option device={device!r}: torch sees {count} CUDA devices; use 'auto' or 'cpu'")
+    return device
+
+
+def _jax_gpu_ordinal() -> int | None:
+    """The CUDA ordinal of this process's first local JAX device when it is a GPU, else None."""
+    device = jax.local_devices()[0]
+    return getattr(device, "local_hardware_id", None) if device.platform == "gpu" else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Detector:
     """A loaded Mask2Former: the torch model (eval mode, on ``device``), its image processor, label id -> name."""
@@ -148,15 +189,17 @@ class Detector:
     batch_size: int
 
 
-def load_detector(path: str = DETECTOR, device: str = "cpu", batch_size: int = 8) -> Detector:
-    """A transformers ``Mask2FormerForUniversalSegmentation`` directory (or HF-cache repo id) with its image processor.
+def load_detector(path: str = DETECTOR, device: str = "auto", batch_size: int = 8) -> Detector:
+    """A transformers ``Mask2FormerForUniversalSegmentation`` directory (or HF-cache repo id) with its image processor,
+    on ``device`` (:func:`resolve_device`).
 
     Raises:
       FileNotFoundError: for a missing directory or file, naming ``detector_path`` and :data:`DETECTOR`.
-      ValueError: when its labels are not GenEval's object names.
+      ValueError: when its labels are not GenEval's object names, or for an unknown device.
     """
     from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
+    device = resolve_device(device)
     weights = ("model*.safetensors", "pytorch_model*.bin")
     d = _model_dir(path, "detector_path", DETECTOR, ["config.json", "preprocessor_config.json", weights])
     model = Mask2FormerForUniversalSegmentation.from_pretrained(d).eval().to(device)
@@ -378,7 +421,7 @@ def score(metadata: Mapping, detections: Sequence[Detection], strict: bool) -> f
 
 
 def geneval(
-    detector_path: str = DETECTOR, clip_path: str = CLIP_MODEL, strict: bool = False, device: str = "cpu", batch_size: int = 8
+    detector_path: str = DETECTOR, clip_path: str = CLIP_MODEL, strict: bool = False, device: str = "auto", batch_size: int = 8
 ):
     """The GenEval reward: partial score for training, strict correctness with ``strict=True``; NaN without metadata.
 
@@ -386,7 +429,8 @@ def geneval(
       detector_path: Mask2Former directory or HF-cache repo id (:data:`DETECTOR`).
       clip_path: CLIP-L/14 directory or HF-cache repo id (:data:`CLIP_MODEL`).
       strict: GenEval's 0/1 correctness instead of the partial score.
-      device: torch device of the detector.
+      device: torch device of the detector: ``"auto"`` (the GPU when torch sees CUDA, else the CPU;
+        :func:`resolve_device`), ``"cpu"``, ``"cuda"``, ``"cuda:N"``. The colour CLIP is JAX, on JAX's device.
       batch_size: images per detector call and crops per CLIP call.
     """
     detector = load_detector(detector_path, device=device, batch_size=batch_size)

@@ -6,8 +6,9 @@ are not even passed to the recogniser; ``reward_fn.applies`` = the prompt quotes
 
 Engines (host-side, CPU):
 
-- ``"tesseract"`` (the offline default): pytesseract over the tesseract binary (Debian package
-  ``tesseract-ocr``). ``config`` holds tesseract's command-line options, by default
+- ``"tesseract"`` (the offline default): the tesseract binary (Debian package ``tesseract-ocr``; its
+  path and installed languages found through pytesseract). ``config`` holds tesseract's command-line
+  options, by default
   ``TESSERACT_CONFIG = "--psm 6 -c thresholding_method=2"``: page segmentation "one uniform block
   of text" with Sauvola local binarisation. Chosen on 36 synthetic 512x512 scenes (vertical colour
   gradient, six coloured ellipses, one sign with dark-on-light or light-on-dark text, DejaVu Sans /
@@ -16,9 +17,22 @@ Engines (host-side, CPU):
   text) + Sauvola 0.48 / 0.68, and with tesseract's default global Otsu threshold ``--psm 3`` 0.42 /
   0.42, ``--psm 6`` 0.51 / 0.46, ``--psm 11`` 0.27 / 0.35 (synthetic scenes, not SD3.5 images: a
   relative comparison). On black text over white every mode read our test words exactly.
-  Each image is one tesseract subprocess, so ``workers`` threads read images in parallel (the GIL
-  is released while waiting); tesseract's own OpenMP threads add up with them, and setting
-  ``OMP_THREAD_LIMIT=1`` in the environment avoids oversubscribing the cores.
+
+  Tesseract runs as subprocesses, so the recognition never holds the GIL and a thread pool (no
+  process pool) reads in parallel: ``workers`` threads per reward object (created once, shut down
+  when the reward is collected or at exit; concurrent calls share it, so at most ``workers``
+  tesseract processes run at once), each running one tesseract process over a contiguous chunk of
+  the images (written as PNG files, as pytesseract does, and listed in a file: tesseract's
+  multi-page input). Starting tesseract (loading the language data) costs ~0.1 s of CPU, several
+  times the recognition of a 512x512 image, so one process per chunk rather than per image is most
+  of the speed-up. Pages are independent only with the LSTM engine alone (``--oem 1``, what
+  tessdata_fast / tessdata_best files run): the legacy engine's adaptive classifier and document
+  dictionary learn from one page to the next, so when tesseract reports another engine mode for
+  ``lang`` and ``config`` (e.g. the full ``tessdata`` files, whose default combines both engines),
+  each image gets its own process. Either way the text of each image is that of one tesseract run
+  on it alone (the tests compare them). The subprocesses run with ``OMP_THREAD_LIMIT=1`` (unless
+  the environment sets it): tesseract's OpenMP threads add little to one image and, busy-waiting
+  on shared cores, oversubscribe them badly once several processes run.
 - ``"paddle"``: PaddleOCR on the CPU, as the public Flow-GRPO reward (paddleocr 2.x:
   ``PaddleOCR(use_angle_cls=False, lang="en", use_gpu=False, show_log=False)``, ``ocr(img,
   cls=False)``; paddleocr 3.x, which renamed those options and dropped ``use_gpu`` / ``show_log``:
@@ -35,11 +49,17 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import shlex
 import shutil
-from collections.abc import Callable, Sequence
+import subprocess
+import tempfile
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from marble_jax.rewards.ocr import ocr_scores, ocr_target
 
@@ -53,9 +73,12 @@ PADDLE_LANGS = {"eng": "en"}
 
 def ocr(engine: str = "tesseract", lang: str = "eng", workers: int = 0, **options):
     """The OCR reward function read by ``engine`` (``"tesseract"`` or ``"paddle"``) in language ``lang``
-    (tesseract's code, e.g. ``"eng"`` or ``"eng+deu"``; ``"eng"`` is ``"en"`` for paddle) with
-    ``workers`` threads (0: ``min(4, cpu count)``); ``options`` go to the engine (tesseract:
-    ``config``; paddle: ``PaddleOCR`` keyword arguments)."""
+    (tesseract's code, e.g. ``"eng"`` or ``"eng+deu"``; ``"eng"`` is ``"en"`` for paddle).
+
+    ``workers``: tesseract processes run at once, one thread of this process waiting on each
+    (0: :func:`thread_count`, ``min(8, usable CPUs)``; 1: one process over all the images, no
+    pool); paddle: 0 or 1. ``options`` go to the engine (tesseract: ``config``; paddle: ``PaddleOCR``
+    keyword arguments)."""
     if engine == "tesseract":
         reader = tesseract_reader(lang=lang, workers=workers, **options)
     elif engine == "paddle":
@@ -87,9 +110,18 @@ def ocr_reward(reader: Reader):
     return reward_fn
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, else the CPU count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def thread_count(workers: int) -> int:
-    """``workers`` when positive, else ``min(4, cpu count)``."""
-    return workers if workers > 0 else min(4, os.cpu_count() or 1)
+    """``workers`` when positive, else ``min(8, usable CPUs)``: tesseract processes run at once. Eight
+    keep a chunk of rollout images well ahead of the device while leaving cores to the trainer's
+    own thread and the other host rewards."""
+    return workers if workers > 0 else min(8, usable_cpus())
 
 
 def join_lines(text: str) -> str:
@@ -97,9 +129,58 @@ def join_lines(text: str) -> str:
     return " ".join(text.split())
 
 
+def lstm_only(cmd: str, lang: str, config: str) -> bool:
+    """Whether tesseract runs its LSTM engine alone (``tessedit_ocr_engine_mode`` 1) for ``lang`` and ``config``:
+    then pages of one run are read independently. False when tesseract does not say (e.g. an error)."""
+    run = subprocess.run([cmd, "--print-parameters", "-l", lang, *shlex.split(config)], capture_output=True, text=True)
+    for line in run.stdout.splitlines():
+        name, _, rest = line.partition("\t")
+        if name == "tessedit_ocr_engine_mode":
+            return rest.split("\t")[0].strip() == "1"
+    return False
+
+
+def tesseract_env() -> dict[str, str]:
+    """This process's environment with ``OMP_THREAD_LIMIT=1`` unless it sets that variable itself."""
+    return {"OMP_THREAD_LIMIT": "1", **os.environ}
+
+
+def tesseract_pages(images: np.ndarray, cmd: str, lang: str, config: str, env: Mapping[str, str]) -> list[str]:
+    """The text of each of uint8 ``[n, H, W, 3]`` ``images`` read by one tesseract process (lines joined).
+
+    The images are PNG files in a temporary directory, listed in a file (tesseract's multi-page input);
+    the text output separates pages by a form feed. The command is pytesseract's (``-l lang``, the
+    ``config`` options, the ``txt`` config file), with ``-c page_separator=\\f`` before ``config``.
+
+    Raises:
+      RuntimeError: tesseract failed (its exit status and the end of its error output), or returned
+        another number of pages.
+    """
+    with tempfile.TemporaryDirectory(prefix="marble_ocr_") as tmp:
+        d = Path(tmp)
+        paths = [d / f"{k}.png" for k in range(len(images))]
+        for path, image in zip(paths, images, strict=True):
+            Image.fromarray(image).save(path, format="PNG", compress_level=1)
+        listing = d / "images.txt"
+        listing.write_text("".join(f"{path}\n" for path in paths))
+        args = [cmd, str(listing), str(d / "out"), "-l", lang, "-c", "page_separator=\f", *shlex.split(config), "txt"]
+        run = subprocess.run(args, capture_output=True, env=dict(env), stdin=subprocess.DEVNULL)
+        if run.returncode:
+            err = run.stderr.decode(errors="replace").strip()[-2000:]
+            raise RuntimeError(f"tesseract exited with status {run.returncode} reading {len(images)} images: {err}")
+        pages = (d / "out.txt").read_text(encoding="utf-8").split("\f")
+    if len(pages) == len(images) + 1 and not pages[-1].strip():
+        pages.pop()  # tesseract < 5.0 ends every page with the separator, >= 5.0 puts it between pages
+    if len(pages) != len(images):
+        raise RuntimeError(f"tesseract returned {len(pages)} pages for {len(images)} images (a page_separator in config?)")
+    return [join_lines(page) for page in pages]
+
+
 def tesseract_reader(lang: str = "eng", workers: int = 0, config: str = TESSERACT_CONFIG) -> Reader:
-    """A reader running the tesseract binary through pytesseract, ``workers`` images at a time; checks
-    now that the binary and the language data are installed."""
+    """A reader running the tesseract binary, ``workers`` processes at a time, each over a chunk of the images
+    (one image per process unless tesseract runs its LSTM engine alone); checks now that the binary and the
+    language data are installed. ``reader.chunked``: whether a process reads a chunk of images;
+    ``reader.close()`` shuts its thread pool down (also done when the reader is collected, or at exit)."""
     try:
         import pytesseract
     except ImportError as e:
@@ -107,7 +188,6 @@ def tesseract_reader(lang: str = "eng", workers: int = 0, config: str = TESSERAC
             "OCR engine 'tesseract' needs pytesseract and the tesseract binary: pip install pytesseract; "
             "apt-get install tesseract-ocr (Debian/Ubuntu)"
         ) from e
-    from PIL import Image
 
     cmd = pytesseract.pytesseract.tesseract_cmd
     if shutil.which(cmd) is None:
@@ -124,16 +204,27 @@ def tesseract_reader(lang: str = "eng", workers: int = 0, config: str = TESSERAC
             f"{', '.join(installed)}): apt-get install {packages}"
         )
     threads = thread_count(workers)
+    batched = lstm_only(cmd, lang, config)
+    env = tesseract_env()
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="tesseract") if threads > 1 else None
 
-    def read_one(image: np.ndarray) -> str:
-        return join_lines(pytesseract.image_to_string(Image.fromarray(image), lang=lang, config=config))
+    def read(chunk: np.ndarray) -> list[str]:
+        return tesseract_pages(chunk, cmd, lang, config, env)
 
     def reader(images: np.ndarray) -> list[str]:
-        if threads == 1 or len(images) < 2:
-            return [read_one(image) for image in images]
-        with ThreadPoolExecutor(min(threads, len(images))) as pool:
-            return list(pool.map(read_one, images))
+        n = len(images)
+        if n == 0:
+            return []
+        if batched:
+            chunks = [images[rows] for rows in np.array_split(np.arange(n), min(threads, n))]
+        else:
+            chunks = [images[i : i + 1] for i in range(n)]
+        if pool is None or len(chunks) == 1:
+            return [text for chunk in chunks for text in read(chunk)]
+        return [text for texts in pool.map(read, chunks) for text in texts]
 
+    reader.close = weakref.finalize(reader, pool.shutdown) if pool is not None else lambda: None
+    reader.chunked = batched
     return reader
 
 

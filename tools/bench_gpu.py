@@ -1,0 +1,199 @@
+"""The SD3.5-M training epoch's pieces on one accelerator, with random weights, side by side in one run.
+
+    python tools/bench_gpu.py                 # SD3.5-M at 512 px, bf16 (one H200: about 6 minutes, compiles included)
+    python tools/bench_gpu.py --tiny          # a tiny MMDiT at 64 px: the CPU smoke test of this script
+
+Rows:
+
+* the trainer's update (``train.jit_train_step``, the program ``train.run`` compiles) of ``weighted_sum``,
+  ``marble`` (a solve, K = 5), ``marble_amortized`` at N = 10 (one solve and nine cached steps: ``(t_solve + 9
+  t_cached) / 10``) and ``marble_gram``, on an epoch of ``--batch`` samples x ``--timesteps`` trained timesteps in
+  micro-batches of ``--train-batch``: median seconds, the ratio to the weighted sum (its time over theirs), MFU
+  (``throughput.jaxpr_flops`` over the time and the device's bf16 peak), and peak device memory
+  (``device.memory_stats()``, the process's high-water mark so far) with XLA's temporaries for the program;
+* attention at the MMDiT's shapes (joint image + text tokens, 24 heads of 64, bf16, forward and backward): cuDNN
+  flash against XLA on a GPU (einsum against XLA elsewhere);
+* a ``--num-steps``-step DPM-2 rollout of ``--rollout-batch`` images, the SD3 VAE decode included, in images/s.
+
+It imports only what an accelerator image has (jax, flax, optax, numpy; ml_collections is a small pure-Python
+wheel): no clu, tensorflow or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from marble_jax import defaults, experiment, throughput, train
+from marble_jax.models import vae
+from marble_jax.models.attention import attention
+from marble_jax.models.functional import random_params
+from marble_jax.models.sd3_configs import SD3_VAE, SD35_MEDIUM_TRANSFORMER
+from marble_jax.pipeline import decode_images
+
+TINY_TRANSFORMER = dict(SD35_MEDIUM_TRANSFORMER, num_layers=3, attention_head_dim=16, num_attention_heads=2,
+                        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16,
+                        pos_embed_max_size=16, dual_attention_layers=[0, 1])  # fmt: skip
+TINY_VAE = dict(SD3_VAE, block_out_channels=[8, 8], down_block_types=["DownEncoderBlock2D"] * 2,
+                up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=4)  # fmt: skip
+METHODS = ("weighted_sum", "marble", "marble_amortized", "marble_gram")
+GB = 1024**3
+
+
+def bench_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+    """``k5:sd35`` at the benchmark's sizes: K rewards (names only: the update sees their scores), an epoch of
+    ``batch`` samples (2 prompts), ``timesteps`` trained timesteps, ``num_steps`` DPM-2 sampler steps."""
+    c = defaults.get_config("sd35")
+    c.rewards = tuple(f"reward_{i}" for i in range(args.k))
+    c.model.update(path="(random weights)", resolution=args.resolution, max_sequence_length=args.text_tokens - 77)
+    c.sample.update(num_steps=args.num_steps, images_per_prompt=args.batch // 2, prompts_per_epoch=2,
+                    timestep_fraction=(args.timesteps + 0.5) / args.num_steps, train_batch=args.train_batch,
+                    rollout_batch=args.rollout_batch)  # fmt: skip
+    c.diagnostics_every = 0
+    return c
+
+
+def timed(fn, reps: int) -> float:
+    """Median seconds of ``fn()`` (blocked on its result) over ``reps`` calls after one warm-up."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory_gb() -> float:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", float("nan")) / GB
+
+
+def update_row(setup, config, method: str, solve: bool, reps: int, key) -> dict:
+    """Time, FLOPs, memory and compile time of one update program."""
+    config = copy.deepcopy(config)
+    config.method = method
+    mesh = train.run_mesh(config)
+    tx = train.make_optimizer(config)
+    start = time.perf_counter()
+    step, args = train.jit_train_step(setup, config, tx, mesh)
+    traced = step.trace(*args, solve, False)
+    compiled = traced.lower().compile()
+    compile_s = time.perf_counter() - start
+    state_sh = jax.tree.map(lambda a: a.sharding, args[0])
+    state = jax.jit(train.make_init_state(setup, config, tx), out_shardings=state_sh)(setup.base_params)
+    base = train.place_frozen(setup, config, mesh)
+    x0, context, pooled, rewards, active, weights = args[2:]
+    keys = jax.random.split(key, 4)
+    data = [jax.random.normal(kk, a.shape, a.dtype) for kk, a in zip(keys[:3], (x0, context, pooled), strict=True)]
+    data += [jax.random.uniform(keys[3], rewards.shape), jnp.zeros((), jnp.int32), jnp.ones(weights.shape, jnp.float32)]
+    data = [jax.device_put(x, a.sharding) for x, a in zip(data, args[2:], strict=True)]
+    box = [state]
+
+    def run():
+        box[0], metrics = compiled(box[0], base, *data)
+        return metrics
+
+    seconds = timed(run, reps)
+    flops = throughput.jaxpr_flops(traced.jaxpr)
+    mem = compiled.memory_analysis()
+    return dict(seconds=seconds, flops=flops, compile_s=compile_s, temp_gb=mem.temp_size_in_bytes / GB, peak_gb=peak_memory_gb())
+
+
+def attention_rows(args: argparse.Namespace, reps: int) -> dict[str, float]:
+    """Seconds of attention forward + backward at the MMDiT's shapes, per implementation available here."""
+    heads, head_dim = (24, 64) if not args.tiny else (2, 16)
+    tokens = (args.resolution // 16) ** 2 + args.text_tokens
+    keys = jax.random.split(jax.random.key(1), 3)
+    q, k, v = (jax.random.normal(kk, (args.train_batch, tokens, heads, head_dim), jnp.bfloat16) for kk in keys)
+    gpu = jax.default_backend() in ("gpu", "cuda")
+    out = {}
+    for impl in ("xla", "cudnn") if gpu else ("einsum", "xla"):
+        loss = lambda q, k, v, impl=impl: attention(q, k, v, implementation=impl).astype(jnp.float32).sum()  # noqa: E731
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        out[impl] = timed(lambda grad=grad: grad(q, k, v), reps)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a tiny MMDiT and VAE (the CPU smoke test)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=16, help="samples in the epoch (2 prompts)")
+    parser.add_argument("--timesteps", type=int, default=2, help="trained timesteps per sample")
+    parser.add_argument("--train-batch", type=int, default=4, help="samples per micro-batch")
+    parser.add_argument("--rollout-batch", type=int, default=8)
+    parser.add_argument("--num-steps", type=int, default=25)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--text-tokens", type=int, default=77 + 128)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.resolution, args.text_tokens = 64, 77 + 8
+    begin = time.perf_counter()
+    device = jax.devices()[0]
+    peak = throughput.peak_flops(device)
+    print(f"device: {device.device_kind} ({jax.default_backend()}), bf16 peak "
+          f"{'unknown' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}, jax {jax.__version__}", flush=True)  # fmt: skip
+
+    config = bench_config(args)
+    transformer, vae_config = (TINY_TRANSFORMER, TINY_VAE) if args.tiny else (SD35_MEDIUM_TRANSFORMER, SD3_VAE)
+    setup = experiment.abstract_sd3_setup(config, transformer)
+    k_base, k_vae, k_run = jax.random.split(jax.random.key(0), 3)
+    base = jax.jit(lambda key: random_params(setup.base_params, key))(k_base)  # drawn on the device
+    _, decode_fn, vae_abstract = vae.from_config(vae_config, key=None, dtype=jnp.bfloat16)
+    vae_params = jax.jit(lambda key: random_params(vae_abstract, key))(k_vae)
+    setup = dataclasses.replace(
+        setup, base_params=base, decode_fn=functools.partial(decode_images, decode_fn), decode_params=vae_params
+    )
+    print(f"epoch: {args.batch} samples x {args.timesteps} timesteps in micro-batches of {args.train_batch}, "
+          f"K = {args.k}, {args.resolution} px, {args.text_tokens} text tokens", flush=True)  # fmt: skip
+
+    rows = {}
+    for method in args.methods.split(","):
+        rows[method] = update_row(setup, config, method, True, args.reps, k_run)
+        if method == "marble_amortized":
+            cached = update_row(setup, config, method, False, args.reps, k_run)
+            rows[method] = dict(rows[method], seconds=(rows[method]["seconds"] + 9 * cached["seconds"]) / 10,
+                                flops=(rows[method]["flops"] + 9 * cached["flops"]) / 10)  # fmt: skip
+        print(f"  {method}: {rows[method]['seconds']:.3f} s ({rows[method]['compile_s']:.0f} s to compile)", flush=True)
+    print(f"{'update':>18}{'s':>9}{'x weighted_sum':>16}{'MFU':>7}{'TFLOP':>9}{'temp GB':>9}{'peak GB':>9}")
+    ref = rows.get("weighted_sum", next(iter(rows.values())))["seconds"]
+    for method, row in rows.items():
+        mfu = throughput.mfu(row["flops"], row["seconds"], [device])
+        print(f"{method:>18}{row['seconds']:>9.3f}{ref / row['seconds']:>16.2f}{100 * mfu:>6.0f}%"
+              f"{row['flops'] / 1e12:>9.1f}{row['temp_gb']:>9.2f}{row['peak_gb']:>9.2f}")  # fmt: skip
+
+    attn = attention_rows(args, args.reps)
+    fast, slow = ("cudnn", "xla") if "cudnn" in attn else ("einsum", "xla")
+    print("attention fwd+bwd: " + "  ".join(f"{k} {1e3 * v:.2f} ms" for k, v in attn.items())
+          + f"  ({fast} {attn[slow] / attn[fast]:.2f}x {slow})", flush=True)  # fmt: skip
+
+    mesh = train.run_mesh(config)
+    trainable = train.make_init_state(setup, config, train.make_optimizer(config))(setup.base_params).params
+    frozen = train.place_frozen(setup, config, mesh)
+    (length, width), pooled_dim = setup.text_shape
+    b = args.rollout_batch
+    ctx = jnp.zeros((b, length, width), jnp.bfloat16)
+    pooled = jnp.zeros((b, pooled_dim), jnp.bfloat16)
+    rollout = jax.jit(train.make_rollout(setup, config))
+    traced = rollout.trace(frozen, trainable, vae_params, ctx, pooled, k_run)
+    compiled = traced.lower().compile()
+    seconds = timed(lambda: compiled(frozen, trainable, vae_params, ctx, pooled, k_run), args.reps)
+    mfu = throughput.mfu(throughput.jaxpr_flops(traced.jaxpr), seconds, [device])
+    print(f"rollout: {args.num_steps}-step {config.sample.method} of {b} images + VAE decode: {seconds:.2f} s, "
+          f"{b / seconds:.2f} images/s, MFU {100 * mfu:.0f}%")  # fmt: skip
+    print(f"total {time.perf_counter() - begin:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
