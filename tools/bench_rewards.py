@@ -427,7 +427,8 @@ def ocr_case(ck: Checkpoints, batch: Batch) -> Case:
     from marble_jax.rewards.ocr_engine import thread_count
 
     load_ours, ours = timed(lambda: rewards.get("ocr"))
-    notes = [f"tesseract, {thread_count(0)} reader threads, OMP_THREAD_LIMIT={os.environ.get('OMP_THREAD_LIMIT', 'unset')}"]
+    limit = os.environ.get("OMP_THREAD_LIMIT", "1")  # the reader sets 1 for its tesseract runs unless the caller sets it
+    notes = [f"tesseract, {thread_count(0)} runs at once (one per chunk of images), OMP_THREAD_LIMIT={limit}"]
     return Case(lambda: ours(batch.images, batch.prompts, batch.metadata), None, load_ours, None, len(batch.images), "img", notes)
 
 
