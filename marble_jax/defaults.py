@@ -92,7 +92,9 @@ def get_config(scale: str = "world") -> ml_collections.ConfigDict:
             params_checkpoint="",  # orbax parameters written by tools/convert_sd3.py (skips the safetensors)
             dtype="float32",  # master weights
             compute_dtype="bfloat16",
-            remat=True,
+            remat="block",  # none | block (checkpoint each MMDiT block) | dots (each block, its matmul outputs saved)
+            scan_blocks=True,  # uniform consecutive MMDiT blocks under one lax.scan each (compile time flat in depth)
+            attention="auto",  # auto (cuDNN flash for bf16 on NVIDIA GPUs, XLA where it does not apply) | cudnn | xla | einsum
             use_t5=True,
             max_sequence_length=128,
             resolution=512,
@@ -125,7 +127,7 @@ def get_config(scale: str = "world") -> ml_collections.ConfigDict:
         c.total_epochs = 30
         c.sample.update(num_steps=10, images_per_prompt=8, prompts_per_epoch=8, rollout_batch=32, train_batch=64)
         c.model.compute_dtype = ""
-        c.model.remat = False
+        c.model.update(remat="none", scan_blocks=False)
         c.lora.rank = 16
         c.lora.alpha = 32.0
         c.optim.learning_rate = 1e-3

@@ -72,10 +72,12 @@ class Setup:
 
 
 def build_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The MMDiT build options of ``config.model``: master ``dtype``, ``compute_dtype`` (empty: the master dtype) and
-    ``remat``; the same for LoRA and full fine-tuning."""
+    """The MMDiT build options of ``config.model``: master ``dtype``, ``compute_dtype`` (empty: the master dtype),
+    ``remat`` (none / block / dots), ``scan_blocks`` and ``attention`` (the kernel); the same for LoRA and full
+    fine-tuning."""
     m = config.model
-    return dict(dtype=jnp.dtype(m.dtype), compute_dtype=jnp.dtype(m.compute_dtype) if m.compute_dtype else None, remat=m.remat)
+    compute = jnp.dtype(m.compute_dtype) if m.compute_dtype else None
+    return dict(dtype=jnp.dtype(m.dtype), compute_dtype=compute, remat=m.remat, scan_blocks=m.scan_blocks, attention=m.attention)
 
 
 def _velocity(module_config: dict, config: ml_collections.ConfigDict) -> tuple[Callable, Callable, Any]:

@@ -63,6 +63,8 @@ RESUMABLE_CHANGES = (
     "mesh",
     "mesh.*",
     "model.remat",
+    "model.scan_blocks",
+    "model.attention",
     "model.encode_on_cpu",
     "model.text_batch",
     "prompts.cache_gb",

@@ -147,7 +147,7 @@ def test_full_finetuning_computes_in_compute_dtype_with_remat(world):
     float32, remat-free function)."""
     config = tiny_config.get_config(str(world))
     config.finetune = "full"
-    config.model.update(compute_dtype="bfloat16", remat=True)
+    config.model.update(compute_dtype="bfloat16", remat="block")
     setup = experiment.build_setup(config)
     (length, width), pooled = setup.text_shape
     args = (jnp.zeros((2, *setup.latent_shape)), jnp.full((2,), 0.5), jnp.zeros((2, length, width)), jnp.zeros((2, pooled)))
@@ -158,7 +158,7 @@ def test_full_finetuning_computes_in_compute_dtype_with_remat(world):
 
     text = program(setup)
     assert "bf16" in text and ("remat" in text or "checkpoint" in text)
-    config.model.update(compute_dtype="", remat=False)
+    config.model.update(compute_dtype="", remat="none")
     text = program(experiment.build_setup(config))
     assert "bf16" not in text and "remat" not in text
 

@@ -54,7 +54,7 @@ SIZES = [  # tiny: 2 steps of 2 prompts x 2 images (2 rollout chunks, 2 micro-ba
     "--config.model.max_sequence_length=16",
     "--config.model.use_t5=True",
     "--config.model.compute_dtype=",  # float32
-    "--config.model.remat=False",
+    "--config.model.remat=none",
 ]
 
 

@@ -370,7 +370,7 @@ def test_resume_may_change_where_it_runs_but_not_what():
     saved = tiny_config.get_config().to_dict()
     current = tiny_config.get_config()
     current.mesh.update(num_devices=4, data=4)
-    current.model.remat = True
+    current.model.update(remat="dots", scan_blocks=True, attention="xla")
     current.reward_options.world_geneval.update(device="gpu", batch_size=64, workers=4)
     current.checkpoint.every_minutes = 5.0
     train._check_resumable(json.loads(json.dumps(saved)), json.loads(current.to_json_best_effort()))

@@ -1,16 +1,110 @@
 """Scaled dot-product attention behind one function, so CPU and GPU paths can differ.
 
-On CPU a plain einsum-softmax-einsum in ``[B, H, L, D]`` layout measured about 1.5x faster
-than ``jax.nn.dot_product_attention`` here (DESIGN.md); on GPU the cuDNN flash kernel
-(``implementation="cudnn"``) is the one to use. Every model calls :func:`attention`.
+Every model calls :func:`attention`. Its ``implementation`` is one of:
+
+- ``"einsum"``: einsum-softmax-einsum in ``[B, H, L, D]`` layout, float32 logits and softmax. On
+  CPU it measured about 1.5x faster than ``jax.nn.dot_product_attention`` (DESIGN.md).
+- ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")``, XLA's kernel (it materialises
+  the full ``[B, H, Lq, Lk]`` logits).
+- ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused flash
+  attention (no ``[B, H, Lq, Lk]`` tensor in memory). CUDA GPUs only.
+- ``"auto"`` (default; ``None`` means the same): :func:`choose_implementation` of the backend and
+  the inputs: einsum on CPU; on a CUDA GPU cuDNN where it applies, else XLA; XLA elsewhere (TPU, ROCm).
+
+When cuDNN applies (:func:`cudnn_unsupported`; the checks of jax 0.10's
+``jax/_src/cudnn/fused_attention_stablehlo.py``: ``check_layout``, ``check_is_flash_attention``):
+
+- q, k, v in bfloat16 or float16 (cuDNN raises for float32);
+- head dim a multiple of 8 and at most 128 (cuDNN allows 256 on Hopper and later; ``auto`` keeps the
+  bound that holds on every CUDA GPU, so it never depends on the device generation);
+- a bias or mask, if any, covering the full ``[Lq, Lk]`` logits (cuDNN does not broadcast the sequence
+  axes; its batch and head axes may be 1), with ``Lq`` and ``Lk`` even (cuDNN's backward with a bias
+  needs even lengths; auto cannot know whether a gradient follows, so it asks for it always).
+
+SD3.5's MMDiT (bf16 compute, 64-wide heads, no bias or mask) takes cuDNN; the VAE's single 512-wide
+head and any float32 attention take XLA. On the cuDNN path a bias is cast to q's dtype and a mask
+becomes a large negative bias in that dtype (as jax does); the einsum and XLA paths add it in float32.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
+
+IMPLEMENTATIONS = ("auto", "cudnn", "xla", "einsum")
+_CUDNN_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+CUDNN_MAX_HEAD_DIM = 128
+
+
+def _backend() -> str:
+    """``jax.default_backend()``, with a GPU named ``"cuda"`` or ``"rocm"`` (cuDNN needs the former)."""
+    backend = jax.default_backend()
+    if backend in ("gpu", "cuda", "rocm"):
+        version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
+        return "rocm" if "rocm" in version or backend == "rocm" else "cuda"
+    return backend
+
+
+def cudnn_unsupported(
+    backend: str,
+    dtype: Any,
+    head_dim: int,
+    *,
+    q_len: int | None = None,
+    kv_len: int | None = None,
+    bias_shape: Sequence[int] | None = None,
+    mask_shape: Sequence[int] | None = None,
+    max_head_dim: int = CUDNN_MAX_HEAD_DIM,
+) -> str | None:
+    """Why cuDNN flash attention cannot run these inputs (a sentence), or None when it can.
+
+    ``backend``: ``"cuda"`` / ``"gpu"`` (taken as CUDA), ``"rocm"``, ``"cpu"``, ``"tpu"``...;
+    ``dtype`` of q, k, v; ``bias_shape`` / ``mask_shape`` as passed to :func:`attention` (broadcastable
+    to ``[B, H, Lq, Lk]``; the sequence lengths are needed to judge them).
+    """
+    if backend not in ("cuda", "gpu"):
+        return f"cuDNN flash attention needs a CUDA GPU; the backend is {backend!r}"
+    if np.dtype(dtype) not in _CUDNN_DTYPES:
+        return f"cuDNN flash attention needs bfloat16 or float16 q/k/v; got {np.dtype(dtype).name}"
+    if head_dim % 8 or head_dim > max_head_dim:
+        return f"cuDNN flash attention needs a head dim that is a multiple of 8 and <= {max_head_dim}; got {head_dim}"
+    for name, shape in (("bias", bias_shape), ("mask", mask_shape)):
+        if shape is None:
+            continue
+        shape = (1,) * (4 - len(shape)) + tuple(shape)
+        if q_len is None or kv_len is None or tuple(shape[-2:]) != (q_len, kv_len):
+            full = f"[Lq, Lk] = [{q_len}, {kv_len}]"
+            return f"cuDNN flash attention needs a {name} over the full {full} logits; got {name} shape {tuple(shape)}"
+        if q_len % 2 or kv_len % 2:
+            return f"cuDNN flash attention with a {name} needs even sequence lengths; got Lq {q_len}, Lk {kv_len}"
+    return None
+
+
+def choose_implementation(
+    backend: str,
+    dtype: Any,
+    head_dim: int,
+    *,
+    q_len: int | None = None,
+    kv_len: int | None = None,
+    bias_shape: Sequence[int] | None = None,
+    mask_shape: Sequence[int] | None = None,
+) -> str:
+    """The implementation ``"auto"`` picks: ``"einsum"`` on CPU; on a CUDA GPU ``"cudnn"`` where
+    :func:`cudnn_unsupported` finds nothing against it, else ``"xla"``; ``"xla"`` on any other backend.
+    Pure (no device query), so it can be tested anywhere."""
+    if backend == "cpu":
+        return "einsum"
+    shapes = dict(q_len=q_len, kv_len=kv_len, bias_shape=bias_shape, mask_shape=mask_shape)
+    if backend in ("cuda", "gpu") and cudnn_unsupported(backend, dtype, head_dim, **shapes) is None:
+        return "cudnn"
+    return "xla"
 
 
 def attention(
@@ -21,29 +115,52 @@ def attention(
     bias: Array | None = None,
     mask: Array | None = None,
     scale: float | None = None,
-    implementation: str | None = None,
+    implementation: str | None = "auto",
 ) -> Array:
     """Multi-head attention ``softmax(q k^T * scale + bias) v``.
 
     Args:
       q: ``[B, Lq, H, D]``.
-      k, v: ``[B, Lk, H, D]``.
+      k, v: ``[B, Lk, H, D]``, the same dtype as ``q``.
       bias: optional additive logits bias broadcastable to ``[B, H, Lq, Lk]`` (e.g. T5's
         relative position bias).
       mask: optional boolean, broadcastable to ``[B, H, Lq, Lk]``; False positions are excluded.
       scale: logits scale, default ``1 / sqrt(D)`` (T5 uses 1).
-      implementation: None picks the einsum path on CPU and ``jax.nn.dot_product_attention``
-        (XLA / cuDNN choice) elsewhere; ``"xla"``, ``"cudnn"`` or ``"einsum"`` force one.
+      implementation: ``"auto"`` (or None), ``"cudnn"``, ``"xla"`` or ``"einsum"`` (module docstring).
 
     Returns:
-      ``[B, Lq, H, D]`` in ``q``'s dtype; softmax in float32.
+      ``[B, Lq, H, D]`` in ``q``'s dtype; logits and softmax in float32 (einsum, xla; cuDNN inside its kernel).
+
+    Raises:
+      ValueError: an unknown ``implementation``, or ``"cudnn"`` where cuDNN cannot run (not a CUDA
+        GPU, float32 inputs, an unsupported head dim, bias or mask), saying why.
     """
+    if implementation is None:
+        implementation = "auto"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention: unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if implementation is None:
-        implementation = "einsum" if jax.default_backend() == "cpu" else None
-    if implementation != "einsum":
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
+    if implementation in ("auto", "cudnn"):
+        shapes = dict(
+            q_len=q.shape[1],
+            kv_len=k.shape[1],
+            bias_shape=None if bias is None else bias.shape,
+            mask_shape=None if mask is None else mask.shape,
+        )
+        backend = _backend()
+        if implementation == "auto":
+            implementation = choose_implementation(backend, q.dtype, q.shape[-1], **shapes)
+        else:
+            # forced: cuDNN's own head-dim limit (256 from Hopper on, else 128) is left to jax to enforce
+            reason = cudnn_unsupported(backend, q.dtype, q.shape[-1], max_head_dim=256, **shapes)
+            if reason is not None:
+                raise ValueError(f"attention: implementation='cudnn' cannot run here: {reason}")
+    if implementation == "cudnn":
+        bias = None if bias is None else bias.astype(q.dtype)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn")
+    if implementation == "xla":
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla")
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)

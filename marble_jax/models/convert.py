@@ -24,15 +24,34 @@ def component_dir(path, subfolder: str) -> Path:
     return d
 
 
-def load_mmdit(path, dtype=jnp.float32, *, compute_dtype=None, remat: bool = False):
+def load_mmdit(
+    path,
+    dtype=jnp.float32,
+    *,
+    compute_dtype=None,
+    remat: str | bool = "none",
+    scan_blocks: bool = False,
+    attention: str = "auto",
+):
     """``(apply_fn, params)``; ``apply_fn(params, latents [B,H,W,C], timestep [B], context [B,L,D],
     pooled [B,P]) -> velocity [B,H,W,C]`` with ``timestep = 1000 * t``. ``compute_dtype`` (e.g. bf16
-    over ``dtype`` parameters) and ``remat`` (checkpoint each block) as in :func:`mmdit.from_torch_state`."""
+    over ``dtype`` parameters), ``remat`` (``"none"``, ``"block"``, ``"dots"``; True / False for
+    ``"block"`` / ``"none"``), ``scan_blocks`` and ``attention`` (the attention implementation) as in
+    :func:`mmdit.from_torch_state`."""
     from marble_jax.models import mmdit
 
     d = component_dir(path, "transformer")
     state = read_safetensors(d, "diffusion_pytorch_model")
-    return mmdit.from_torch_state(read_config(d), state, source=str(d), dtype=dtype, compute_dtype=compute_dtype, remat=remat)
+    return mmdit.from_torch_state(
+        read_config(d),
+        state,
+        source=str(d),
+        dtype=dtype,
+        compute_dtype=compute_dtype,
+        remat=remat,
+        scan_blocks=scan_blocks,
+        attention=attention,
+    )
 
 
 def load_vae(path, dtype=jnp.float32, *, remat: bool = False):
