@@ -1,13 +1,14 @@
 """Parity of the CLIP-based rewards with their PyTorch references, on tiny random models saved to tmp_path.
 
-* PickScore / CLIPScore: transformers ``CLIPModel`` + ``CLIPImageProcessorPil`` + ``CLIPTokenizer`` (padding to
-  the longest prompt, as Flow-GRPO calls them), the score formulas on the model's outputs. CLIP-H-like models use
-  GELU, CLIP-L-like QuickGELU.
+* PickScore / CLIPScore (its ``preprocess="pil"`` option): transformers ``CLIPModel`` + ``CLIPImageProcessorPil``
+  + ``CLIPTokenizer`` (padding to the longest prompt, as Flow-GRPO calls them), the score formulas on the model's
+  outputs. CLIP-H-like models use GELU, CLIP-L-like QuickGELU.
 * Aesthetic: a torch ``nn.Sequential`` MLP shaped like LAION's (linear layers and dropouts) on transformers'
   normalised image embeddings.
-* HPSv2: end to end against OpenCLIP's own ``open_clip.model.CLIP`` (``encode_image`` / ``encode_text`` with
-  ``normalize=True``), fed PIL-resized-and-padded pixels (HPSv2's ``ResizeMaxSize``) and OpenCLIP-style token ids
-  (zero padding after the end-of-text token).
+
+The rewards' defaults against the public scorers' own preprocessing (CLIPScore's and HPSv2's torchvision transforms
+on float images; PickScore's and the aesthetic's with Pillow 10.4's pass order) and HPSv2 end to end against
+OpenCLIP: tests/test_scorer_preprocessing.py.
 
 The references run in float64 (a float64 copy of each torch model, the processor's resized and cropped uint8 pixels
 normalised in float64), so what is measured is our float32 rounding. Our preprocessing equals PIL's pixel for pixel
@@ -31,7 +32,6 @@ import pytest
 import torch
 from helpers import (
     TINY_CLIP_PROCESSOR,
-    TINY_CLIP_VOCAB_SIZE,
     cosine_bound,
     float64_copy,
     real_looking_images,
@@ -39,18 +39,15 @@ from helpers import (
     save_clip_processor,
     save_tiny_aesthetic_mlp,
     save_tiny_clip,
-    save_tiny_openclip,
     t64,
     torch_float64,
 )
-from PIL import Image
 from transformers import CLIPTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from marble_jax.models.convert import load_clip_model
 from marble_jax.models.weights import WeightError
 from marble_jax.rewards import clip_scores
-from marble_jax.rewards.image_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 TOL = 1e-5  # float32 parity of the embeddings against float64 (see above)
 PROMPTS = ["a red cat", "dog", "a cat and a dog on a red rug", "red", "the dog is red and the cat is not"]
@@ -109,7 +106,7 @@ def test_towers_on_the_same_inputs(models):
 
 def test_clipscore(models):
     directory, model = models["clip_l"]
-    ours = clip_scores.clipscore(path=str(directory), batch_size=2)(IMAGES, PROMPTS, [None] * len(PROMPTS))
+    ours = clip_scores.clipscore(path=str(directory), preprocess="pil", batch_size=2)(IMAGES, PROMPTS, [None] * len(PROMPTS))
     out = _reference(model, directory)[0]
     ref = out.logits_per_image.diag() / 100
     assert ours.shape == (len(PROMPTS),) and ours.dtype == np.float32
@@ -151,42 +148,6 @@ def test_aesthetic(models, tmp_path):
     torch.save(broken, tmp_path / "broken.pth")
     with pytest.raises(WeightError, match=r"layers\.2\.weight \(12, 24\) does not feed layers\.4\.weight \(8, 5\)"):
         clip_scores.load_aesthetic_mlp(tmp_path / "broken.pth")
-
-
-def test_hpsv2_matches_openclip(models, tmp_path):
-    model = save_tiny_openclip(
-        tmp_path / "hps.pt",
-        32,
-        vision=dict(width=64, layers=1, head_width=64, mlp_ratio=2.0, patch_size=32, image_size=224),
-        text=dict(context_length=77, vocab_size=TINY_CLIP_VOCAB_SIZE, width=64, heads=1, layers=1, mlp_ratio=2.0),
-        seed=3,
-    )
-    tokenizer_dir = models["clip_l"][0]
-    images = real_looking_images(len(PROMPTS), 200, 300, seed=4)  # landscape: resized to 149 x 224, padded top / bottom
-    ours = clip_scores.hpsv2(path=str(tmp_path / "hps.pt"), tokenizer_path=str(tokenizer_dir), batch_size=3)(
-        images, PROMPTS, [None] * len(PROMPTS)
-    )
-
-    mean, std = np.asarray(OPENAI_CLIP_MEAN, np.float64), np.asarray(OPENAI_CLIP_STD, np.float64)
-    pixels = []
-    for img in images:  # HPSv2's ResizeMaxSize on a PIL image, ToTensor, Normalize: in float64
-        h, w = img.shape[:2]
-        nh, nw = round(h * 224 / max(h, w)), round(w * 224 / max(h, w))
-        resized = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BICUBIC), np.float64) / 255
-        ph, pw = 224 - nh, 224 - nw
-        padded = np.pad(resized, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
-        pixels.append(((padded - mean) / std).transpose(2, 0, 1))
-    ids = np.zeros((len(PROMPTS), 77), np.int64)  # OpenCLIP's tokenizer layout: start, tokens, end, zeros
-    for row, tokens in enumerate(CLIPTokenizer.from_pretrained(tokenizer_dir)(PROMPTS)["input_ids"]):
-        ids[row, : len(tokens)] = tokens
-    model = float64_copy(model)
-    with torch.no_grad(), torch_float64():
-        image = model.encode_image(t64(np.stack(pixels)), normalize=True)
-        text = model.encode_text(torch.from_numpy(ids), normalize=True)
-    cosines = torch.sum(image * text, -1)
-    err, bound = rel_err(ours, cosines), cosine_bound(TOL, cosines)
-    print(f"hpsv2 vs float64: {err:.2e}, bound {bound:.1e}")
-    assert err < bound
 
 
 def test_missing_paths(models, tmp_path):

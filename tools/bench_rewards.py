@@ -16,7 +16,7 @@ noise) with the OCR test prompts (quoted text), or the first GenEval metadata ro
 
 Per reward: our reward from the registry (``marble_jax.rewards.get``) and the reference (what Flow-GRPO's scorers
 run: transformers ``CLIPModel`` + ``CLIPImageProcessorPil`` + ``CLIPTokenizer``, fp32, ``torch.no_grad``, prompts
-padded to the longest; HPSv2: the same CLIP-H on PIL resize-and-pad pixels, 77 tokens, which is open_clip's ViT-H-14
+padded to the longest; HPSv2: the same CLIP-H on its torch-bicubic resize-and-pad pixels, 77 tokens, which is open_clip's ViT-H-14
 layer for layer and FLOP for FLOP), each loaded once (load times printed), called once (our first call compiles),
 then ``--repeats`` calls each, alternating, on the same batch. Printed per reward: load and first-call times, the
 median seconds per batch, the largest relative difference of the two score vectors (a check that both compute the

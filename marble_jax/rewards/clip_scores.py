@@ -1,21 +1,30 @@
-"""The CLIP-based rewards of REFERENCE §4, as Flow-GRPO / DiffusionNFT compute them, in JAX.
+"""The CLIP-based rewards of REFERENCE §4, as the public scorers behind the papers' tables compute them, in JAX.
 
-* :func:`pickscore` — PickScore (CLIP-H fine-tuned on human preferences):
-  ``exp(logit_scale) * cos(image, text) / 26``.
-* :func:`clipscore` — CLIPScore with OpenAI CLIP-L/14: ``logits_per_image.diag() / 100``
-  (= ``exp(logit_scale) * cos / 100``).
-* :func:`aesthetic` — the LAION improved-aesthetic-predictor: a stack of linear layers (no activations;
-  its dropouts are the identity at inference) on the unit-norm CLIP-L/14 image embedding; prompt-free.
-* :func:`hpsv2` — HPSv2.1 (OpenCLIP ViT-H-14): ``cos(image, text)``, no scale; images resized (longest edge)
-  and padded to 224 as HPSv2's own transform does.
+The public scorers are DiffusionNFT's ``flow_grpo/{pickscore,clip,hpsv2,aesthetic}_scorer.py`` (NVlabs/DiffusionNFT),
+fed by its ``flow_grpo/rewards.py`` with the float images in [0, 1] its pipeline decodes (``output_type="pt"``);
+Flow-GRPO's (yifan123/flow_grpo) are the same but where an option says otherwise. Pinned there: torch 2.6,
+torchvision 0.21, transformers 4.40, Pillow 10.4.
 
-Each factory loads its models once and returns ``reward_fn(images uint8 [B,H,W,3], prompts, metadata) ->
-float32 [B]``; the registry wraps it with the input checks. Preprocessing (:mod:`.image_preprocess`, equal
-to transformers' / PIL's pixel for pixel) and the towers run in one jitted program per batch. Batches of
-``batch_size`` images (fewer for a smaller call), padded to a multiple of the device count, are split over
-all devices along the batch axis like the trainer's batches; the parameters are replicated. Prompts are
-tokenised on the host (transformers tokenizer of the checkpoint, 77 tokens, truncated) and padded to 77:
-the text towers are causal and pool at the end-of-text token, so the padding length does not change a score.
+* :func:`pickscore` — PickScore (CLIP-H fine-tuned on human preferences): ``exp(logit_scale) * cos(image, text) /
+  26``; images rounded to uint8, transformers' ``CLIPImageProcessor`` of CLIP-ViT-H-14 (PIL bicubic).
+* :func:`clipscore` — CLIPScore with OpenAI CLIP-L/14: ``logits_per_image.diag() / divisor`` (= ``exp(logit_scale)
+  * cos / divisor``; 100 in DiffusionNFT, 30 in Flow-GRPO); images as float tensors through torchvision's
+  ``Resize(224)`` (bilinear, antialiased), ``CenterCrop(224)``, ``Normalize``.
+* :func:`aesthetic` — the LAION improved-aesthetic-predictor: a stack of linear layers (no activations; its dropouts
+  are the identity at inference) on the unit-norm CLIP-L/14 image embedding; prompt-free; images rounded to uint8,
+  transformers' ``CLIPImageProcessor`` of CLIP-L/14.
+* :func:`hpsv2` — HPSv2.1 (OpenCLIP ViT-H-14): ``cos(image, text)``, no scale; images as float tensors through
+  HPSv2's ``ResizeMaxSize(224)`` (longest edge, bicubic, antialiased, zero padding) and ``Normalize``.
+
+Each factory loads its models once and returns ``reward_fn(images [B,H,W,3], prompts, metadata) -> float32 [B]``;
+the images are uint8 (what the registry, which wraps it with the input checks, lets through) or float in [0, 1]
+(the VAE's output before quantisation, what the public trainers score). Preprocessing (:mod:`.image_preprocess`:
+PIL's resize reproduced pixel for pixel, torch's antialiased interpolation in float32) and the towers run in one
+jitted program per batch. Batches of ``batch_size`` images (fewer for a smaller call), padded to a multiple of the
+device count, are split over all devices along the batch axis like the trainer's batches; the parameters are
+replicated. Prompts are tokenised on the host (transformers tokenizer of the checkpoint, 77 tokens, truncated) and
+padded to 77: the text towers are causal and pool at the end-of-text token, so the padding length does not change a
+score.
 
 A path option is a local directory / file or, for defaults, a Hugging Face repo id found in the local HF
 cache (nothing is downloaded); a missing one raises FileNotFoundError naming the option and the public
@@ -24,6 +33,7 @@ checkpoint that belongs there.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Callable, Sequence
@@ -48,12 +58,19 @@ from marble_jax.models.weights import (
     read_weights,
     resolve_dir,
 )
-from marble_jax.rewards.image_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ProcessorSpec, resize_and_pad
+from marble_jax.rewards.image_preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    PIL_ORDERS,
+    ProcessorSpec,
+    resize_max_and_pad,
+)
 
 PyTree = Any
 MAX_LENGTH = 77
 PICKSCORE_DIVISOR = 26.0
-CLIPSCORE_DIVISOR = 100.0
+CLIPSCORE_DIVISOR = 100.0  # DiffusionNFT's flow_grpo/clip_scorer.py; Flow-GRPO's divides by 30
+CLIPSCORE_PREPROCESS = ("torchvision", "pil")
 HPS_IMAGE_SIZE = 224
 
 CLIP_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -107,8 +124,8 @@ def checkpoint_file(reward: str, option: str, value: str, public: str) -> Path:
 Tokenize = Callable[[Sequence[str]], np.ndarray]
 
 
-def load_processor(reward: str, option: str, directory: Path, public: str) -> ProcessorSpec:
-    """:meth:`ProcessorSpec.from_dir` of ``directory``.
+def load_processor(reward: str, option: str, directory: Path, public: str, **transform) -> ProcessorSpec:
+    """:meth:`ProcessorSpec.from_dir` of ``directory`` with ``transform`` (``backend``, ``order``) replaced.
 
     Raises:
       FileNotFoundError: when ``directory`` has no ``preprocessor_config.json``, naming the option and ``public``.
@@ -118,7 +135,13 @@ def load_processor(reward: str, option: str, directory: Path, public: str) -> Pr
         raise FileNotFoundError(
             f"{reward}: {option} directory {str(directory)!r} has no preprocessor_config.json; put {public} there"
         )
-    return ProcessorSpec.from_dir(directory)
+    return dataclasses.replace(ProcessorSpec.from_dir(directory), **transform)
+
+
+def check_choice(reward: str, option: str, value: str, choices: Sequence[str]) -> None:
+    """Raises ValueError naming the reward, the option and its choices when ``value`` is not one of them."""
+    if value not in choices:
+        raise ValueError(f"{reward}: {option} = {value!r} is not one of {tuple(choices)}")
 
 
 def load_tokenizer(reward: str, option: str, directory: Path, public: str) -> Tokenize:
@@ -220,32 +243,47 @@ def _text_image_reward(
 # ---------------------------------------------------------------- reward factories
 
 
-def pickscore(path: str = PICKSCORE, processor_path: str = CLIP_H, batch_size: int = 32):
+def pickscore(path: str = PICKSCORE, processor_path: str = CLIP_H, pil_order: str = "horizontal_first", batch_size: int = 32):
     """PickScore ``exp(logit_scale) * cos(image, prompt) / 26`` (about 0.8-0.9 for good matches).
 
     ``path``: the PickScore transformers ``CLIPModel`` directory; ``processor_path``: the directory with the
-    ``preprocessor_config.json`` and tokenizer PickScore uses (CLIP-ViT-H-14's)."""
+    ``preprocessor_config.json`` and tokenizer PickScore uses (CLIP-ViT-H-14's). Images: the public
+    ``pickscore_scorer.py``'s ``AutoProcessor`` (transformers' ``CLIPImageProcessor``, PIL bicubic) on the images
+    rounded to uint8 (:func:`~.image_preprocess.clip_preprocess`); ``pil_order``: PIL's pass order,
+    "horizontal_first" (Pillow 10.4, which the public trainers pin) or "pillow13" (they differ only for images more
+    than twice as tall as wide)."""
+    check_choice("pickscore", "pil_order", pil_order, PIL_ORDERS)
     model = load_clip_model(model_dir("pickscore", "path", path, f"{PICKSCORE} (transformers CLIPModel)"))
     public = f"{CLIP_H} (its preprocessor_config.json and tokenizer files)"
     processor = model_dir("pickscore", "processor_path", processor_path, public)
     tokenize = load_tokenizer("pickscore", "processor_path", processor, public)
     scale = float(np.exp(model.logit_scale)) / PICKSCORE_DIVISOR
-    fn = _text_image_reward(model, load_processor("pickscore", "processor_path", processor, public), tokenize, scale, batch_size)
-    fn.__doc__ = "float32 [B] PickScore of uint8 [B,H,W,3] images and their prompts."
+    preprocess = load_processor("pickscore", "processor_path", processor, public, backend="pil", order=pil_order)
+    fn = _text_image_reward(model, preprocess, tokenize, scale, batch_size)
+    fn.__doc__ = "float32 [B] PickScore of uint8 (or float in [0, 1]) [B,H,W,3] images and their prompts."
     return fn
 
 
-def clipscore(path: str = CLIP_L, batch_size: int = 32):
-    """CLIPScore ``logits_per_image.diag() / 100`` (= ``cos(image, prompt)`` for OpenAI CLIP, whose scale is 100).
+def clipscore(path: str = CLIP_L, divisor: float = CLIPSCORE_DIVISOR, preprocess: str = "torchvision", batch_size: int = 32):
+    """CLIPScore ``logits_per_image.diag() / divisor`` (``exp(logit_scale) * cos(image, prompt) / divisor``; OpenAI
+    CLIP's scale is 100, so with the default divisor it is the cosine).
 
-    ``path``: a transformers ``CLIPModel`` directory with its ``preprocessor_config.json`` and tokenizer."""
+    ``path``: a transformers ``CLIPModel`` directory with its ``preprocessor_config.json`` and tokenizer;
+    ``divisor``: 100 as DiffusionNFT's ``flow_grpo/clip_scorer.py`` divides, 30 as Flow-GRPO's does; ``preprocess``:
+    "torchvision", the public ``ClipScorer``'s transform (shortest edge bilinear with antialiasing on float images,
+    torchvision's centre crop, :func:`~.image_preprocess.torchvision_clip_preprocess`), or "pil", transformers'
+    ``CLIPImageProcessor`` as the checkpoint's config states it (PIL bicubic on uint8, Pillow 10.4's pass order; the
+    processor other CLIPScore implementations use)."""
+    check_choice("clipscore", "preprocess", preprocess, CLIPSCORE_PREPROCESS)
+    if not divisor > 0:
+        raise ValueError(f"clipscore: divisor = {divisor!r} must be positive")
     public = f"{CLIP_L} (transformers CLIPModel with its preprocessor_config.json and tokenizer)"
     d = model_dir("clipscore", "path", path, public)
     model = load_clip_model(d)
-    preprocess = load_processor("clipscore", "path", d, public)
-    scale = float(np.exp(model.logit_scale)) / CLIPSCORE_DIVISOR
-    fn = _text_image_reward(model, preprocess, load_tokenizer("clipscore", "path", d, public), scale, batch_size)
-    fn.__doc__ = "float32 [B] CLIPScore of uint8 [B,H,W,3] images and their prompts."
+    transform = load_processor("clipscore", "path", d, public, backend=preprocess, order="horizontal_first")
+    scale = float(np.exp(model.logit_scale)) / divisor
+    fn = _text_image_reward(model, transform, load_tokenizer("clipscore", "path", d, public), scale, batch_size)
+    fn.__doc__ = "float32 [B] CLIPScore of uint8 (or float in [0, 1]) [B,H,W,3] images and their prompts."
     return fn
 
 
@@ -254,17 +292,19 @@ def hpsv2(path: str = HPS_V21, tokenizer_path: str = CLIP_H, batch_size: int = 3
 
     ``path``: ``HPS_v2.1_compressed.pt`` (an OpenCLIP checkpoint; default: in the HF cache snapshot of
     ``xswu/HPSv2``); ``tokenizer_path``: a directory with CLIP-ViT-H-14's tokenizer files (the OpenAI BPE
-    vocabulary OpenCLIP's tokenizer uses). Images: :func:`~.image_preprocess.resize_and_pad` to 224 with the
-    OpenAI CLIP mean / std, HPSv2's evaluation transform. The HF tokenizer matches OpenCLIP's on ordinary text;
-    OpenCLIP also unescapes HTML entities and repairs mojibake (ftfy) first."""
+    vocabulary OpenCLIP's tokenizer uses). Images: :func:`~.image_preprocess.resize_max_and_pad` to 224 with the
+    OpenAI CLIP mean / std, HPSv2's evaluation transform on float tensors (``ResizeMaxSize``: longest edge, bicubic
+    with antialiasing, zero padding), as DiffusionNFT's ``hpsv2_scorer.py`` applies it to its float images and
+    HPSv2's own ``img_score.py`` (and Flow-GRPO's scorer) after ``ToTensor`` of a uint8 image. The HF tokenizer
+    matches OpenCLIP's on ordinary text; OpenCLIP also unescapes HTML entities and repairs mojibake (ftfy) first."""
     from marble_jax.models.openclip import load_openclip
 
     model = load_openclip(checkpoint_file("hpsv2", "path", path, "HPS_v2.1_compressed.pt of the Hugging Face repo xswu/HPSv2"))
     public = f"{CLIP_H} (its tokenizer files)"
     tokenize = load_tokenizer("hpsv2", "tokenizer_path", model_dir("hpsv2", "tokenizer_path", tokenizer_path, public), public)
-    preprocess = functools.partial(resize_and_pad, size=HPS_IMAGE_SIZE, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
+    preprocess = functools.partial(resize_max_and_pad, size=HPS_IMAGE_SIZE, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
     fn = _text_image_reward(model, preprocess, tokenize, 1.0, batch_size)
-    fn.__doc__ = "float32 [B] HPSv2.1 scores of uint8 [B,H,W,3] images and their prompts."
+    fn.__doc__ = "float32 [B] HPSv2.1 scores of uint8 (or float in [0, 1]) [B,H,W,3] images and their prompts."
     return fn
 
 
@@ -309,15 +349,18 @@ def load_aesthetic_mlp(path: str | Path) -> tuple[Callable, PyTree]:
     return apply_fn, assign(target, plan, state, source=str(path))
 
 
-def aesthetic(path: str = AESTHETIC_MLP, clip_path: str = CLIP_L, batch_size: int = 32):
+def aesthetic(path: str = AESTHETIC_MLP, clip_path: str = CLIP_L, pil_order: str = "horizontal_first", batch_size: int = 32):
     """LAION aesthetic score (about 1-10; prompt-free) of the MLP on the unit-norm CLIP-L/14 image embedding.
 
     ``path``: the MLP state dict ``sac+logos+ava1-l14-linearMSE.pth``; ``clip_path``: the transformers
-    ``CLIPModel`` directory of ``openai/clip-vit-large-patch14`` with its ``preprocessor_config.json``."""
+    ``CLIPModel`` directory of ``openai/clip-vit-large-patch14`` with its ``preprocessor_config.json``. Images: the
+    public ``aesthetic_scorer.py``'s ``CLIPProcessor`` (PIL bicubic) on the images rounded to uint8; ``pil_order``:
+    PIL's pass order, as for :func:`pickscore`."""
+    check_choice("aesthetic", "pil_order", pil_order, PIL_ORDERS)
     mlp_fn, mlp_params = load_aesthetic_mlp(checkpoint_file("aesthetic", "path", path, _AESTHETIC_SOURCE))
     public = f"{CLIP_L} (transformers CLIPModel with its preprocessor_config.json)"
     d = model_dir("aesthetic", "clip_path", clip_path, public)
-    preprocess = load_processor("aesthetic", "clip_path", d, public)
+    preprocess = load_processor("aesthetic", "clip_path", d, public, backend="pil", order=pil_order)
     vision_fn, vision_params = clip.vision_from_torch_state(read_config(d), read_weights(d), source=str(d))
     width = vision_params["visual_projection"]["kernel"].shape[-1]
     if width != mlp_params["layers"][0]["kernel"].shape[0]:
@@ -332,7 +375,7 @@ def aesthetic(path: str = AESTHETIC_MLP, clip_path: str = CLIP_L, batch_size: in
     run = ShardedBatches(score, {"vision": vision_params, "mlp": mlp_params}, batch_size)
 
     def reward_fn(images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict | None]) -> np.ndarray:
-        """float32 [B] aesthetic scores of uint8 [B,H,W,3] images (prompts unused)."""
+        """float32 [B] aesthetic scores of uint8 (or float in [0, 1]) [B,H,W,3] images (prompts unused)."""
         return run(np.asarray(images))
 
     return reward_fn
