@@ -80,6 +80,9 @@ def get_config(scale: str = "world") -> ml_collections.ConfigDict:
             alpha=64.0,
             targets=r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
             init_std=placeholder(float),
+            # start from a trained adapter (lora.load_lora: diffusers' file, a peft save_pretrained directory, a
+            # DiffusionNFT / Flow-GRPO checkpoint-N); its rank, alpha and modules must equal the three above
+            init_from="",
         )
     )
     c.old_policy_schedule = 1  # 1: d = min(0.001 step, 0.5); 2 (OCR): 0 before step 75, then min(0.0075 (step - 75), 0.999)

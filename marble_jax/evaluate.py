@@ -52,8 +52,9 @@ def run_setup(setup: Setup, config: ml_collections.ConfigDict, workdir: Path) ->
     path = workdir / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint={workdir}: no {path} (the config the run was trained with)")
-    run_config = ml_collections.ConfigDict(json.loads(path.read_text())["config"])
+    run_config = train.saved_config(json.loads(path.read_text())["config"])
     run_config.mesh = config.mesh
+    run_config.lora.init_from = ""  # the trained adapter comes from the checkpoint
     same = all(json.dumps(run_config[k].to_dict() if hasattr(run_config[k], "to_dict") else run_config[k], sort_keys=True)
                == json.dumps(config[k].to_dict() if hasattr(config[k], "to_dict") else config[k], sort_keys=True)
                for k in MODEL_KEYS)  # fmt: skip

@@ -41,7 +41,8 @@ class Setup:
       velocity_fn: ``(base, trainable | None, x [B, h, w, c], t [B] in [0, 1], context [B, L, D], pooled [B, Dp])
         -> v``; ``trainable=None`` is the reference (base) model.
       base_params: the frozen parameters.
-      init_trainable: ``(base, key) -> trainable`` (fresh LoRA, or a copy of the base for full fine-tuning).
+      init_trainable: ``(base, key) -> trainable`` (a fresh LoRA, the ``lora.init_from`` adapter, or a copy of the
+        base for full fine-tuning).
       decode_fn: ``(decode_params, latents [B, h, w, c]) -> uint8 [B, H, W, 3]``, jittable.
       decode_params: the decoder's parameters (``{}`` for pixel latents).
       encode: host-side ``prompts -> (context [P, L, D], pooled [P, Dp])`` (numpy); the trainer caches it per prompt.
@@ -101,7 +102,25 @@ def _velocity(module_config: dict, config: ml_collections.ConfigDict) -> tuple[C
     def velocity(base, trainable, x, t, context, pooled):
         return lora_apply(base, trainable, x, 1000 * t, context, pooled)
 
-    return velocity, lambda base, key: lora.init_lora(base, spec, key), spec
+    init_from = config.lora.get("init_from", "")  # absent from the config.json of runs saved before it existed
+    if not init_from:
+        return velocity, lambda base, key: lora.init_lora(base, spec, key), spec
+    # A run started from a PyTorch / exported adapter (lora.load_lora): its rank, alpha and modules must be the
+    # config's (the simplest honest rule: no silent re-ranking or re-scaling), checked here, before any compute.
+    _, abstract = functionalize(module)
+    adapter, found = lora.load_lora(init_from, base_params=abstract)
+    source = f"config.lora.init_from = {init_from!r}"
+    for key, want, got in (("rank", spec.rank, found.rank), ("alpha", spec.alpha, found.alpha)):
+        if want != got:
+            raise ValueError(f"config.lora.{key} = {want!r}, but the adapter of {source} has {key} {got!r} "
+                             f"(--config.lora.{key}={got!r} to start from it)")  # fmt: skip
+    ours = set(lora.target_shapes(abstract, spec))
+    if ours != set(adapter):
+        raise ValueError(f"config.lora.targets = {spec.targets!r} matches {len(ours)} modules, the adapter of {source} "
+                         f"has {len(adapter)}: only in the config {sorted(ours - set(adapter))[:4]}, only in the "
+                         f"adapter {sorted(set(adapter) - ours)[:4]}")  # fmt: skip
+    adapter = jax.tree.map(lambda x: np.asarray(x, np.float32), adapter)  # host copies: constants of the init program
+    return velocity, lambda base, key: jax.tree.map(jnp.asarray, adapter), spec
 
 
 def _train_and_eval_rewards(config: ml_collections.ConfigDict) -> tuple[dict[str, Callable], dict[str, Callable]]:
@@ -240,13 +259,13 @@ def _sd3_setup(config: ml_collections.ConfigDict) -> Setup:
         if store.settings.get("model") != str(m.path):
             log.warning("%s was encoded with %s; this run's model is %s", store.path, store.settings.get("model"), m.path)
     covered = store is not None and all(t in store for t in {"", *(p.text for p in train_prompts + eval_prompts)})
+    velocity, init_trainable, spec = _velocity(transformer_config, config)  # an init_from adapter is checked here
     # The text encoders run in text_dtype (T5's wo in float32) on the default device, or with encode_on_cpu in host
     # memory; when the precomputed embeddings hold every prompt they are not loaded at all.
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu) if m.encode_on_cpu else contextlib.nullcontext():
         pipe = sd3.from_pretrained(m.path, dtype, use_t5=m.use_t5, params_checkpoint=m.params_checkpoint or None,
                                    text_dtype=text_dtype, text_encoders=not covered)  # fmt: skip
-    velocity, init_trainable, spec = _velocity(transformer_config, config)
     _, h, w, c = pipe.latent_shape(1, m.resolution, m.resolution)
 
     def encode(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -63,6 +63,7 @@ RESUMABLE_CHANGES = (
     "mesh",
     "mesh.*",
     "model.remat",
+    "lora.init_from",  # only a new run's initial adapter: a resumed run's comes from its checkpoint
     "model.scan_blocks",
     "model.attention",
     "model.encode_on_cpu",
@@ -155,6 +156,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for key, value in (("sample.method", s.method), ("eval.method", config.eval.method)):
         if value not in sampling.METHODS:
             raise ValueError(f"config.{key} = {value!r} is not one of {sampling.METHODS}")
+    if config.finetune == "full" and config.lora.get("init_from"):
+        raise ValueError(
+            f"config.lora.init_from = {config.lora.init_from!r} starts a LoRA run from an adapter; config.finetune is "
+            "'full' (merge the adapter into the base weights, or train with --config.finetune=lora)"
+        )
     if config.get("scale") == "sd35" and not config.model.path:
         raise ValueError(
             "config.scale = 'sd35' (the paper's run: --config=...:sd35) needs config.model.path, an SD3.5 snapshot; "
@@ -484,8 +490,20 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def saved_config(saved: dict) -> ml_collections.ConfigDict:
+    """A run's saved config (its ``config.json`` ``"config"``) over the defaults of its scale: keys added to the
+    defaults after the run was saved take their default values (which is what the run computed with)."""
+    from marble_jax import defaults
+
+    def merge(base: dict, over: dict) -> dict:
+        return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                           for k, v in over.items()}}  # fmt: skip
+
+    return ml_collections.ConfigDict(merge(defaults.get_config(saved.get("scale", "world")).to_dict(), saved))
+
+
 def _check_resumable(saved: dict, current: dict) -> None:
-    old, new = _flat(saved), _flat(current)
+    old, new = _flat(_config_dict(saved_config(saved))), _flat(current)
     changed = sorted(
         k
         for k in set(old) | set(new)

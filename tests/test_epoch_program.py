@@ -238,3 +238,10 @@ def test_bench_gpu_smoke(capsys):
     assert [row[0] for row in table] == ["weighted_sum", "marble_gram"] and float(table[0][2]) == 1.0
     assert all(float(row[1]) > 0 for row in table)
     assert "attention fwd+bwd: einsum" in out and "images/s" in out
+
+
+def test_full_finetuning_refuses_a_lora_adapter():
+    config = tiny_config.get_config()
+    config.finetune, config.lora.init_from = "full", "/adapters/run"
+    with pytest.raises(ValueError, match=r"config.lora.init_from = '/adapters/run'.*'full'"):
+        train.validate(config, 1)

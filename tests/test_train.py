@@ -373,7 +373,16 @@ def test_resume_may_change_where_it_runs_but_not_what():
     current.model.update(remat="dots", scan_blocks=True, attention="xla")
     current.reward_options.world_geneval.update(device="gpu", batch_size=64, workers=4)
     current.checkpoint.every_minutes = 5.0
+    current.lora.init_from = "/adapters/new"  # a resumed run's adapter comes from its checkpoint
     train._check_resumable(json.loads(json.dumps(saved)), json.loads(current.to_json_best_effort()))
+    # a run saved before keys were added to the defaults: they read as their defaults, not as a change
+    older = json.loads(json.dumps(saved))
+    del older["model"]["text_dtype"], older["prompts"]["cache_gb"], older["mesh"]["replicate_frozen_gb"]
+    train._check_resumable(older, json.loads(current.to_json_best_effort()))
+    changed = json.loads(current.to_json_best_effort())
+    changed["model"]["text_dtype"] = "float32"
+    with pytest.raises(ValueError, match=r"model.text_dtype"):
+        train._check_resumable(older, changed)
     current.lora.alpha = 1.0
     current.reward_options.world_geneval.threshold = 0.5
     with pytest.raises(ValueError, match=r"\['lora.alpha', 'reward_options.world_geneval.threshold'\]"):

@@ -26,13 +26,16 @@ Files: :func:`export_peft` writes diffusers' ``pytorch_lora_weights.safetensors`
 ``[r, in]``, ``lora_B`` ``[out, r]``, plus the ``lora_adapter_metadata`` that carries ``r`` and
 ``lora_alpha``; without it diffusers assumes ``alpha = r``), loadable with
 ``StableDiffusion3Pipeline.load_lora_weights`` / ``SD3Transformer2DModel.load_lora_adapter``
-(which need ``peft``); :func:`import_peft` reads such a file back.
+(which need ``peft``); :func:`load_lora` reads it back, and also a peft ``save_pretrained`` directory
+(``adapter_config.json`` + ``adapter_model.safetensors``) and the checkpoints of the PyTorch trainers
+DiffusionNFT and Flow-GRPO (``checkpoints/checkpoint-N/lora/``, peft's layout).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +47,8 @@ import numpy as np
 from flax import nnx
 
 from marble_jax.models.functional import functionalize, path_leaves
+
+log = logging.getLogger("marble_jax.lora")
 
 Array = jax.Array
 PyTree = Any
@@ -195,44 +200,244 @@ def export_peft(lora: LoRAParams, spec: LoRASpec, directory, prefix: str | None 
     return path / WEIGHT_NAME
 
 
-def import_peft(directory, prefix: str | None = "transformer") -> tuple[LoRAParams, LoRASpec]:
-    """Reads a diffusers / peft LoRA file (``directory/pytorch_lora_weights.safetensors`` or the
-    file itself): ``(lora_params, spec)``, with ``spec.targets`` the exact module names.
+# peft's file names (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) and PeftModel's key prefix.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+# peft options a plain ``x W + s (x A) B`` over the unchanged base cannot hold: extra weights, another forward, or a
+# base modified at init (PiSSA, CorDA, OLoRA, LoftQ, LoRA-GA; peft's converted saves reset init_lora_weights to True).
+_UNSUPPORTED_OPTIONS = (
+    "use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "target_parameters", "trainable_token_indices",
+    "alora_invocation_tokens", "layer_replication", "use_qalora", "use_bdlora", "arrow_config", "monteclora_config",
+)  # fmt: skip
+_BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
-    ``r`` and ``lora_alpha`` come from the ``lora_adapter_metadata``; without it, as diffusers,
-    ``alpha = r``. Only the ``{prefix}.`` keys are read.
+
+def load_lora(path, base_params: PyTree | None = None, adapter: str = "default") -> tuple[LoRAParams, LoRASpec]:
+    """Reads a PyTorch LoRA of the SD3 transformer: ``(lora_params, spec)``, float32, with ``spec.targets`` the
+    exact loaded module names (so :func:`with_lora` wraps exactly those).
+
+    ``path`` may be (first match wins):
+
+    * diffusers' ``pytorch_lora_weights.safetensors`` (or its directory): what :func:`export_peft`,
+      ``StableDiffusion3Pipeline.save_lora_weights`` (keys ``transformer.*``, metadata ``transformer.r`` ...) and
+      ``SD3Transformer2DModel.save_lora_adapter`` (unprefixed keys and metadata) write. Without the
+      ``lora_adapter_metadata``, alpha = r, as diffusers assumes (a warning is logged). Text-encoder keys are ignored.
+    * a peft ``save_pretrained`` directory (or its ``adapter_model.safetensors`` / ``adapter_config.json``):
+      keys ``base_model.model.transformer_blocks.0.attn.to_q.lora_A.weight``; ``r``, ``lora_alpha``,
+      ``rank_pattern`` / ``alpha_pattern`` (peft's suffix-regex rule per module; they must come to one rank and one
+      alpha over the loaded modules), ``use_rslora`` (scale ``lora_alpha / sqrt(r)``: folded into
+      ``spec.alpha = lora_alpha sqrt(r)``) and ``target_modules`` (every loaded module must be one) from
+      ``adapter_config.json``. A non-default ``adapter`` is read from its subfolder, as peft saves it.
+    * a DiffusionNFT / Flow-GRPO checkpoint ``<save_dir>/checkpoints/checkpoint-N`` (its ``lora/`` subfolder), or
+      the ``<save_dir>`` itself (its highest N). Both trainers wrap the transformer with ``get_peft_model`` (or
+      ``PeftModel.from_pretrained`` of ``train.lora_path``) and save with ``save_pretrained`` into
+      ``checkpoint-N/lora``: NVlabs/DiffusionNFT ``scripts/train_nft_sd3.py`` ``save_ckpt`` (l. 332-353, commit
+      24af555), yifan123/flow_grpo ``scripts/train_sd3.py`` ``save_ckpt`` (l. 323-332, commit ac4c86e). With
+      ``train.ema`` (DiffusionNFT's ``config/base.py`` default; set by each of Flow-GRPO's ``config/grpo.py``
+      configs) the EMA is copied into the adapter before the save: the ``default`` adapter *is* the EMA; no separate
+      EMA file exists. DiffusionNFT's model also holds the ``old`` adapter
+      (``add_adapter("old", ...)``, l. 438), which ``save_pretrained`` writes to ``lora/old/`` (``adapter="old"``).
+      Beside ``lora/`` lie ``optimizer.pt`` / ``scaler.pt`` (DiffusionNFT), not read. Their LoraConfig: r 32,
+      alpha 64, ``init_lora_weights="gaussian"``, ``target_modules`` the 8 joint-attention projections.
+
+    ``base_params`` (the MMDiT tree, abstract leaves allowed): each key must name a 2-D kernel of it and fit its
+    ``[in, out]``.
 
     Raises:
-      ValueError: a key that is not ``lora_A`` / ``lora_B``, a missing half, mixed ranks, or a
-        peft option other than plain LoRA (rslora, DoRA, rank / alpha patterns), naming the file.
+      FileNotFoundError: no adapter at ``path``; a peft weights file without its ``adapter_config.json``.
+      ValueError: naming the file and the key: a key that is not ``lora_A`` / ``lora_B``, half a pair, a rank
+        other than the config's, per-module ranks / alphas, an unsupported peft option (DoRA, biases, base-modifying
+        inits, ...), and with ``base_params`` a module the model lacks or a shape that does not fit.
     """
+    weights, config_file = _locate(Path(path).expanduser(), adapter, str(path))
+    if config_file is None:
+        if adapter != "default":
+            raise ValueError(f"{weights}: a diffusers LoRA file holds one adapter; adapter={adapter!r} is for peft directories")
+        tensors, config, where = _read_diffusers(weights)
+    else:
+        tensors = _read_tensors(weights)
+        config, where = json.loads(config_file.read_text()), str(config_file)
+    lora, spec = _parse(weights, tensors, config, where)
+    if base_params is not None:
+        _check_fits(weights, lora, spec, base_params, _prefix_of(tensors))
+    return lora, spec
+
+
+def import_peft(directory) -> tuple[LoRAParams, LoRASpec]:
+    """:func:`load_lora` (kept for old callers; it reads diffusers' file and every other layout alike)."""
+    return load_lora(directory)
+
+
+def _locate(p: Path, adapter: str, given: str) -> tuple[Path, Path | None]:
+    """``(weights file, adapter_config.json or None for a diffusers file)`` of a path (see :func:`load_lora`)."""
+    if not p.exists():  # a Hugging Face repo id with a snapshot in the local cache (nothing is downloaded)
+        from marble_jax.models.weights import resolve_dir
+
+        try:
+            p = resolve_dir(given)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"LoRA adapter not found: {e}") from None
+    if p.is_file():
+        if p.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_PICKLE):
+            return _peft_files(p.parent, adapter)
+        if p.suffix == ".safetensors":
+            return p, None
+        raise ValueError(f"{p}: not a LoRA file (expected {WEIGHT_NAME}, a peft {ADAPTER_WEIGHTS}, or a directory)")
+    if (p / WEIGHT_NAME).is_file():
+        return p / WEIGHT_NAME, None
+    if any((p / name).is_file() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_PICKLE)):
+        return _peft_files(p, adapter)
+    if (p / "lora").is_dir():  # DiffusionNFT / Flow-GRPO checkpoint-N
+        return _locate(p / "lora", adapter, str(p / "lora"))
+    found = ((re.fullmatch(r"checkpoint-(\d+)", c.name), c) for c in (p / "checkpoints").glob("checkpoint-*"))
+    steps = {int(m.group(1)): c for m, c in found if m is not None}
+    if steps:  # their save_dir: the latest checkpoint
+        latest = steps[max(steps)]
+        log.info("LoRA: %s holds checkpoints %s; reading the latest, %s", p, sorted(steps), latest)
+        return _locate(latest, adapter, str(latest))
+    raise FileNotFoundError(
+        f"{p}: no LoRA adapter: looked for {WEIGHT_NAME} (diffusers), {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS} (peft "
+        "save_pretrained), lora/ (a DiffusionNFT / Flow-GRPO checkpoint-N) and checkpoints/checkpoint-N/ (their save_dir)"
+    )
+
+
+def _peft_files(d: Path, adapter: str) -> tuple[Path, Path]:
+    """``(weights, adapter_config.json)`` of adapter ``adapter`` of a peft ``save_pretrained`` directory."""
+    if adapter != "default":  # PeftModel.save_pretrained: non-default adapters in a subfolder of their name
+        if not (d / adapter / ADAPTER_CONFIG).is_file():
+            found = sorted(c.name for c in d.iterdir() if (c / ADAPTER_CONFIG).is_file())
+            raise FileNotFoundError(f"{d}: no adapter {adapter!r} ({d / adapter / ADAPTER_CONFIG} is missing); adapters "
+                                    f"there: {['default'] + found}")  # fmt: skip
+        d = d / adapter
+    weights = next((d / n for n in (ADAPTER_WEIGHTS, ADAPTER_PICKLE) if (d / n).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{d}: peft adapter without weights: neither {ADAPTER_WEIGHTS} nor {ADAPTER_PICKLE}")
+    if not (d / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{d / ADAPTER_CONFIG} is missing: {weights} needs peft's adapter config (r, lora_alpha, ...) to be read"
+        )
+    return weights, d / ADAPTER_CONFIG
+
+
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file (bf16 included) or, for ``adapter_model.bin``, of the torch pickle."""
+    from marble_jax.models import weights
+
+    if path.suffix == ".safetensors":
+        return weights.read_safetensors_file(path)
+    return weights.read_torch_checkpoint(path)
+
+
+def _read_diffusers(path: Path) -> tuple[dict[str, np.ndarray], dict, str]:
+    """``(tensors, peft config, where it came from)`` of a diffusers LoRA file: the config is the
+    ``lora_adapter_metadata`` of the prefix the keys carry (``{}`` without one: r from the tensors, alpha = r)."""
     from safetensors import safe_open
 
-    path = Path(directory)
-    path = path / WEIGHT_NAME if path.is_dir() else path
-    pre = "" if prefix is None else f"{prefix}."
+    tensors = _read_tensors(path)
     with safe_open(str(path), framework="numpy") as f:
         raw = (f.metadata() or {}).get(METADATA_KEY)
-        tensors = {k[len(pre) :]: f.get_tensor(k) for k in f.keys() if k.startswith(pre)}
+    pre = _prefix_of(tensors)
+    if raw is None:
+        log.warning("%s has no %s: alpha = r, as diffusers assumes", path, METADATA_KEY)
+        return tensors, {}, f"{path} (no {METADATA_KEY})"
+    meta = json.loads(raw)
+    config = {k[len(pre) :]: v for k, v in meta.items() if pre and k.startswith(pre)} or meta
+    return tensors, config, f"{path} metadata {METADATA_KEY}"
+
+
+def _prefix_of(tensors: dict[str, Any]) -> str:
+    """The prefix of the transformer's keys: diffusers' ``transformer.``, PeftModel's ``base_model.model.`` or none."""
+    return next((p for p in ("transformer.", PEFT_PREFIX) if any(k.startswith(p) for k in tensors)), "")
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's ``rank_pattern`` / ``alpha_pattern`` rule (``peft.utils.other.get_pattern_key``): the first pattern
+    ``p`` with ``re.match(rf"(.*\\.)?({p})$", module)``, else ``default``."""
+    for p, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({p})$", module):
+            return value
+    return default
+
+
+def _targeted(target_modules, module: str) -> bool:
+    """peft's ``check_target_module_exists`` for a string (``re.fullmatch``) or a list (name or ``.name`` suffix)."""
+    if target_modules is None or target_modules == "all-linear":
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module) is not None
+    return any(module == t or module.endswith("." + t) for t in target_modules)
+
+
+def _parse(path: Path, tensors: dict[str, np.ndarray], config: dict, where: str) -> tuple[LoRAParams, LoRASpec]:
+    """LoRA parameters and spec of the transformer keys of ``tensors`` under the peft ``config`` (read from ``where``)."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{where}: peft_type {config['peft_type']!r}; only LORA adapters can be read")
+    bad = {k: config[k] for k in _UNSUPPORTED_OPTIONS if config.get(k)}
+    if config.get("bias", "none") != "none":
+        bad["bias"] = config["bias"]
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
+        bad["init_lora_weights"] = init  # trained against a modified base: convert it in peft first
+    if bad:
+        raise ValueError(f"{where}: unsupported peft options {bad}: only a plain LoRA over the unchanged base is read")
+    pre = _prefix_of(tensors)
     halves: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
-        m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key)
+        if not key.startswith(pre):
+            if key.startswith("text_encoder"):
+                log.warning("%s: %s ignored (a text-encoder LoRA; only the transformer's is read)", path, key)
+                continue
+            raise ValueError(f"{path}: key {key} is not under the prefix {pre!r} of the transformer's keys")
+        m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key[len(pre) :])
         if m is None or value.ndim != 2:
-            raise ValueError(f"{path}: {pre}{key} {value.shape} is not a LoRA lora_A / lora_B weight")
-        halves.setdefault(m.group(1), {})["a" if m.group(2) == "A" else "b"] = value.T
-    lora, ranks = {}, set()
-    for name, ab in halves.items():
-        if set(ab) != {"a", "b"} or ab["a"].shape[1] != ab["b"].shape[0]:
-            raise ValueError(f"{path}: {pre}{name}: lora_A / lora_B missing or of mismatched rank")
-        ranks.add(ab["a"].shape[1])
-        lora[name] = {k: jnp.asarray(v, jnp.float32) for k, v in ab.items()}
-    if len(ranks) != 1:
-        raise ValueError(f"{path}: expected one LoRA rank under {pre!r}, found {sorted(ranks)}")
-    rank = ranks.pop()
-    meta = json.loads(raw) if raw else {}
-    meta = {k[len(pre) :]: v for k, v in meta.items() if k.startswith(pre)}
-    unsupported = {k: meta.get(k) for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern") if meta.get(k)}
-    if unsupported or meta.get("r", rank) != rank:
-        raise ValueError(f"{path}: unsupported LoRA metadata {unsupported or {'r': meta.get('r')}} (tensor rank {rank})")
+            raise ValueError(f"{path}: {key} {tuple(value.shape)} is not a LoRA lora_A / lora_B weight")
+        halves.setdefault(m.group(1), {})[m.group(2)] = value
+    if not halves:
+        raise ValueError(f"{path}: no LoRA keys (*.lora_A.weight / *.lora_B.weight) in {sorted(tensors)[:4]}")
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    lora, per_module = {}, {}
+    for name, ab in sorted(halves.items()):
+        key = f"{pre}{name}.lora_{{}}.weight"
+        for have, missing in (("A", "B"), ("B", "A")):
+            if missing not in ab:
+                raise ValueError(f"{path}: {key.format(have)} has no {key.format(missing)}")
+        a, b = ab["A"], ab["B"]  # [r, in], [out, r]
+        r = _pattern_value(rank_pattern, name, config.get("r", a.shape[0]))
+        if a.shape[0] != r or b.shape[1] != r:
+            raise ValueError(f"{path}: {key.format('A')} {tuple(a.shape)} / {key.format('B')} {tuple(b.shape)}: "
+                             f"rank {r} expected ({where}: r / rank_pattern), so [{r}, in] / [out, {r}]")  # fmt: skip
+        if not _targeted(config.get("target_modules"), name):
+            raise ValueError(f"{path}: {key.format('A')}: {name!r} is not one of {where}'s target_modules "
+                             f"{config['target_modules']!r}")  # fmt: skip
+        alpha = float(_pattern_value(alpha_pattern, name, config.get("lora_alpha", r)))
+        per_module[name] = (int(r), alpha)
+        lora[name] = {"a": jnp.asarray(np.asarray(a, np.float32).T), "b": jnp.asarray(np.asarray(b, np.float32).T)}
+    values = sorted(set(per_module.values()))
+    if len(values) != 1:
+        examples = {v: next(n for n, w in per_module.items() if w == v) for v in values}
+        raise ValueError(f"{where}: the modules have different (rank, alpha) {examples} (rank_pattern / "
+                         "alpha_pattern); a LoRASpec has one rank and one alpha")  # fmt: skip
+    rank, alpha = values[0]
+    if config.get("use_rslora"):  # scale lora_alpha / sqrt(r) = spec.alpha / r
+        alpha = alpha * float(np.sqrt(rank))
     targets = "|".join(re.escape(name) for name in sorted(lora))
-    return lora, LoRASpec(rank=rank, alpha=float(meta.get("lora_alpha", rank)), targets=targets)
+    return lora, LoRASpec(rank=rank, alpha=alpha, targets=targets)
+
+
+def _check_fits(path: Path, lora: LoRAParams, spec: LoRASpec, base: PyTree, pre: str) -> None:
+    """Raises ValueError naming the key when a module of ``lora`` is no 2-D kernel of ``base`` or does not fit it."""
+    kernels = {_module_name(p): tuple(leaf.shape) for p, leaf in path_leaves(base) if p[-1] == "kernel" and len(leaf.shape) == 2}
+    for name, ab in lora.items():
+        key = f"{pre}{name}.lora_{{}}.weight"
+        if name not in kernels:
+            import difflib
+
+            near = difflib.get_close_matches(name, list(kernels), n=3)
+            raise ValueError(f"{path}: {key.format('A')}: the model has no linear {name!r} (nearest: {near})")
+        din, dout = kernels[name]
+        for half, got, want in (("A", ab["a"].shape[::-1], (spec.rank, din)), ("B", ab["b"].shape[::-1], (dout, spec.rank))):
+            if tuple(got) != want:
+                raise ValueError(f"{path}: {key.format(half)} has shape {tuple(got)}, the model's {name} "
+                                 f"[in {din}, out {dout}] at rank {spec.rank} needs {want}")  # fmt: skip
