@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from marble_jax.models import clip, convert, mmdit, t5, vae
 from marble_jax.models.prompt_encoding import encode_prompt, tokenize
 from marble_jax.models.weights import read_config, resolve_dir
-from marble_jax.sampling import guided_velocity, sample, sigma_schedule
+from marble_jax.sampling import guided_velocity, sample, sigma_schedule, skip_layer_guidance_steps
 
 Array = jax.Array
 PyTree = Any
@@ -157,6 +157,10 @@ class SD3Pipeline:
         eta: float = 0.7,
         height: int | None = None,
         width: int | None = None,
+        skip_guidance_layers: Sequence[int] | None = None,
+        skip_layer_guidance_scale: float = 2.8,
+        skip_layer_guidance_start: float = 0.01,
+        skip_layer_guidance_stop: float = 0.2,
     ) -> Array:
         """Final latents ``[B, h, w, C]`` from text embeddings ``context [B, L, D]``, ``pooled [B, P]``.
 
@@ -167,6 +171,15 @@ class SD3Pipeline:
           guidance: CFG weight; as in diffusers, guidance is applied only when ``guidance > 1``.
           method: ``"euler"`` (diffusers' scheduler), ``"sde"`` or ``"dpm2"`` (see ``sampling.sample``).
           key, eta: the SDE's noise key (default: derived from ``start`` when it is a key) and level.
+          skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop:
+            SD3.5's skip-layer guidance, as diffusers' ``StableDiffusion3Pipeline`` (SD3.5-M: layers ``[7, 8, 9]``):
+            with CFG on (``guidance > 1``), on the steps ``i`` with ``num_steps * start < i < num_steps * stop``
+            (``sampling.skip_layer_guidance_steps``), the velocity gets
+            ``+ (v_cond - v_cond_without_those_blocks) * scale``. None (or empty) is off; each step that has it
+            costs one more MMDiT call on the B conditional rows.
+
+        Raises:
+          ValueError: where skip-layer guidance runs, a skip layer that is not a block index of the MMDiT (naming it).
         """
         if jnp.ndim(start) == 4:
             x_T = jnp.asarray(start, jnp.float32)
@@ -180,8 +193,15 @@ class SD3Pipeline:
         elif negative is None:
             t5_length = context.shape[1] - self.tokenizer.model_max_length
             negative = self.encode([""] * context.shape[0], max_sequence_length=t5_length)
+        # diffusers: skip-layer calls only with CFG, on the steps in range
+        skip_layers = tuple(skip_guidance_layers or ()) if guidance != 1.0 else ()
+        skip_steps = jnp.zeros(num_steps, bool)
+        if skip_layers:
+            skip_steps = jnp.asarray(skip_layer_guidance_steps(num_steps, skip_layer_guidance_start, skip_layer_guidance_stop))
+            skip_layers = skip_layers if bool(skip_steps.any()) else ()
         return _denoise(self.transformer_fn, self.params["transformer"], x_T, self.sigmas(num_steps), (context, pooled),
-                        negative, key, eta, guidance=guidance, method=method)  # fmt: skip
+                        negative, key, eta, skip_steps, jnp.float32(skip_layer_guidance_scale),
+                        guidance=guidance, method=method, skip_layers=skip_layers)  # fmt: skip
 
     def decode_float(self, latents: Array) -> Array:
         """Latents ``[B, h, w, C]`` -> float32 images ``[B, H, W, 3]`` in [0, 1] (diffusers' ``output_type="np"``)."""
@@ -203,8 +223,13 @@ class SD3Pipeline:
         height: int | None = None,
         width: int | None = None,
         max_sequence_length: int = 256,
+        skip_guidance_layers: Sequence[int] | None = None,
+        skip_layer_guidance_scale: float = 2.8,
+        skip_layer_guidance_start: float = 0.01,
+        skip_layer_guidance_stop: float = 0.2,
     ) -> Array:
-        """uint8 images ``[B, H, W, 3]`` of B prompts, initial noise drawn from ``key``."""
+        """uint8 images ``[B, H, W, 3]`` of B prompts, initial noise drawn from ``key``; the skip-layer guidance
+        arguments: :meth:`generate_latents`."""
         prompts = list(prompts)
         context, pooled = self.encode(prompts, max_sequence_length=max_sequence_length)
         negative = None
@@ -212,7 +237,11 @@ class SD3Pipeline:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
             negative = self.encode(negatives, max_sequence_length=max_sequence_length)
         latents = self.generate_latents(context, pooled, key, negative=negative, num_steps=num_steps, guidance=guidance,
-                                        method=method, height=height, width=width)  # fmt: skip
+                                        method=method, height=height, width=width,
+                                        skip_guidance_layers=skip_guidance_layers,
+                                        skip_layer_guidance_scale=skip_layer_guidance_scale,
+                                        skip_layer_guidance_start=skip_layer_guidance_start,
+                                        skip_layer_guidance_stop=skip_layer_guidance_stop)  # fmt: skip
         return self.decode(latents)
 
 
@@ -240,15 +269,25 @@ def _encode(clip_l_fn, clip_g_fn, t5_fn, params, tokens, *, joint_attention_dim:
     return encode_prompt(pair_l, pair_g, t5_pair, tokens, **sizes)
 
 
-@functools.partial(jax.jit, static_argnames=("transformer_fn", "guidance", "method"))
-def _denoise(transformer_fn, params, x_T, sigmas, cond, uncond, key, eta, *, guidance: float, method: str) -> Array:
-    """``sampling.sample`` of the (guided) MMDiT velocity; ``cond`` / ``uncond`` are ``(context, pooled)``."""
+@functools.partial(jax.jit, static_argnames=("transformer_fn", "guidance", "method", "skip_layers"))
+def _denoise(transformer_fn, params, x_T, sigmas, cond, uncond, key, eta, skip_steps, skip_scale, *, guidance: float,
+             method: str, skip_layers: tuple[int, ...]) -> Array:  # fmt: skip
+    """``sampling.sample`` of the (guided) MMDiT velocity; ``cond`` / ``uncond`` are ``(context, pooled)``. With
+    ``skip_layers`` (needs ``guidance != 1``), skip-layer guidance of scale ``skip_scale`` on the steps where
+    ``skip_steps [S]`` is true."""
 
     def model_fn(x: Array, t: Array, conditioning: tuple[Array, Array]) -> Array:
         return transformer_fn(params, x, 1000 * t, *conditioning)
 
-    velocity_fn = guided_velocity(model_fn, cond, uncond, guidance)
-    return sample(velocity_fn, x_T, sigmas, method=method, key=key, eta=eta).latents
+    if not skip_layers:
+        velocity_fn = guided_velocity(model_fn, cond, uncond, guidance)
+        return sample(velocity_fn, x_T, sigmas, method=method, key=key, eta=eta).latents
+
+    def skip_layer_fn(x: Array, t: Array, conditioning: tuple[Array, Array]) -> Array:
+        return transformer_fn(params, x, 1000 * t, *conditioning, skip_layers=skip_layers)
+
+    velocity_fn = guided_velocity(model_fn, cond, uncond, guidance, skip_layer_fn=skip_layer_fn, skip_layer_scale=skip_scale)
+    return sample(velocity_fn, x_T, sigmas, method=method, key=key, eta=eta, skip_layer_steps=skip_steps).latents
 
 
 @functools.partial(jax.jit, static_argnames="decode_fn")

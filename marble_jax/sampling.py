@@ -15,7 +15,9 @@ function, with ``method`` and the ``return_*`` flags static):
 * ``"dpm2"``: the deterministic multistep 2nd-order DPM-Solver++ in x0 form used by DiffusionNFT rollouts;
   the first and last steps are first order (DDIM).
 
-Classifier-free guidance wraps a conditional model into a velocity function: :func:`guided_velocity`.
+Classifier-free guidance wraps a conditional model into a velocity function: :func:`guided_velocity`, optionally
+with SD3.5's skip-layer guidance on the steps :func:`skip_layer_guidance_steps` selects (``sample(...,
+skip_layer_steps=...)``).
 """
 
 from __future__ import annotations
@@ -101,21 +103,68 @@ def dpm_solver2_coefficients(sigmas: Array) -> tuple[Array, Array, Array]:
     return a, b, c
 
 
-def guided_velocity(model_fn: Callable[[Array, Array, Any], Array], cond: Any, uncond: Any, guidance: float) -> VelocityFn:
+def skip_layer_guidance_steps(num_steps: int, start: float, stop: float) -> np.ndarray:
+    """bool ``[num_steps]``: the steps that get skip-layer guidance, diffusers' rule (``StableDiffusion3Pipeline``)
+    ``i > num_steps * start and i < num_steps * stop`` for step index ``i`` (strict at both ends, Python floats).
+    E.g. 10 steps, ``start = 0.1``, ``stop = 0.4``: steps 2 and 3.
+
+    Raises:
+      ValueError: ``num_steps < 1``.
+    """
+    if num_steps < 1:
+        raise ValueError(f"skip-layer guidance: num_steps must be >= 1, got {num_steps}")
+    return np.array([num_steps * start < i < num_steps * stop for i in range(num_steps)], bool)
+
+
+def guided_velocity(
+    model_fn: Callable[[Array, Array, Any], Array],
+    cond: Any,
+    uncond: Any,
+    guidance: float,
+    *,
+    skip_layer_fn: Callable[[Array, Array, Any], Array] | None = None,
+    skip_layer_scale: float | Array = 2.8,
+) -> Callable[..., Array]:
     """Classifier-free guidance ``v = v_uncond + w (v_cond - v_uncond)`` as a velocity function.
 
     ``model_fn(x [N, H, W, C], t [N], conditioning) -> v``; ``cond`` and ``uncond`` are pytrees with a leading
     batch axis B (e.g. text embeddings ``[B, L, D]`` and pooled ``[B, Dp]``). For ``guidance != 1`` both branches
     run in one call on the batch ``[uncond; cond]`` of size 2B; ``guidance == 1`` (a Python float) is CFG-free:
     one call on ``cond`` only.
+
+    Skip-layer guidance (SD3.5, needs ``guidance != 1``): ``skip_layer_fn`` is ``model_fn`` with some blocks
+    skipped. The velocity function then takes a third argument, ``velocity_fn(x, t, skip_layer_guidance)``, a bool
+    (Python or a traced scalar: ``jax.lax.cond``, the extra call only runs where it is true; :func:`sample` passes
+    ``skip_layer_steps[i]``); where true, as diffusers,
+    ``v + (v_cond - skip_layer_fn(x, t, cond)) * skip_layer_scale``.
+
+    Raises:
+      ValueError: ``skip_layer_fn`` with ``guidance == 1``; at a call, a missing or extra skip-layer flag.
     """
     if guidance == 1.0:
+        if skip_layer_fn is not None:
+            raise ValueError("skip-layer guidance needs classifier-free guidance (as in diffusers), but guidance is 1")
         return lambda x, t: model_fn(x, t, cond)
     both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
 
-    def velocity_fn(x: Array, t: Array) -> Array:
+    def velocity_fn(x: Array, t: Array, skip_layer_guidance: bool | Array | None = None) -> Array:
+        if (skip_layer_guidance is None) != (skip_layer_fn is None):
+            raise ValueError(
+                "guided velocity: pass a skip-layer flag exactly when skip_layer_fn is set "
+                f"(skip_layer_fn {'set' if skip_layer_fn is not None else 'None'}, flag {skip_layer_guidance!r}); "
+                "sampling.sample passes it with skip_layer_steps"
+            )
         v_uncond, v_cond = jnp.split(model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both), 2)
-        return v_uncond + guidance * (v_cond - v_uncond)
+        v = v_uncond + guidance * (v_cond - v_uncond)
+        if skip_layer_fn is None:
+            return v
+
+        def with_skip_layers() -> Array:
+            return (v + (v_cond - skip_layer_fn(x, t, cond)) * skip_layer_scale).astype(v.dtype)
+
+        if isinstance(skip_layer_guidance, bool | np.bool_):
+            return with_skip_layers() if skip_layer_guidance else v
+        return jax.lax.cond(skip_layer_guidance, with_skip_layers, lambda: v)
 
     return velocity_fn
 
@@ -146,13 +195,17 @@ def sample(
     eta: float | Array = 0.7,
     return_trajectory: bool = False,
     return_gaussians: bool = False,
+    skip_layer_steps: Array | np.ndarray | None = None,
 ) -> Rollout:
     """Integrates from ``x_T [B, H, W, C]`` (at ``sigmas[0]``) along ``sigmas [S + 1]`` with ``method`` in
-    ``("euler", "sde", "dpm2")``, one ``velocity_fn`` call per step, under ``jax.lax.scan``.
+    ``("euler", "sde", "dpm2")``, one ``velocity_fn`` call per step, under ``jax.lax.scan``; step i (0-based) is
+    evaluated at ``sigmas[i]``, diffusers' ``scheduler.timesteps[i] / 1000``.
 
     ``"sde"`` needs ``key``; step i draws its noise from ``jax.random.fold_in(key, i)``, so a run is
     reproducible. ``eta`` is its noise level, and ``return_gaussians`` (``"sde"`` only) returns the per-step
     Gaussians. ``return_trajectory`` returns all intermediate latents. For CFG pass a :func:`guided_velocity`.
+    ``skip_layer_steps``: bool ``[S]`` (:func:`skip_layer_guidance_steps`); given, step i calls
+    ``velocity_fn(x, t, skip_layer_steps[i])`` (a :func:`guided_velocity` with ``skip_layer_fn``).
     """
     if method not in METHODS:
         raise ValueError(f"sampling method {method!r} is not one of {METHODS}")
@@ -161,42 +214,47 @@ def sample(
     if return_gaussians and method != "sde":
         raise ValueError(f"return_gaussians is only defined for method 'sde', not {method!r}")
     batch, steps = x_T.shape[0], sigmas.shape[0] - 1
+    if skip_layer_steps is not None and jnp.shape(skip_layer_steps) != (steps,):
+        raise ValueError(f"skip_layer_steps must have shape [{steps}] (one flag per step), got {jnp.shape(skip_layer_steps)}")
+    flags = None if skip_layer_steps is None else jnp.asarray(skip_layer_steps, bool)  # None: no per-step input
 
-    def velocity(x: Array, sigma: Array) -> Array:
-        return velocity_fn(x, jnp.full((batch,), sigma, sigmas.dtype))
+    def velocity(x: Array, sigma: Array, flag: Array | None) -> Array:
+        t = jnp.full((batch,), sigma, sigmas.dtype)
+        return velocity_fn(x, t) if flag is None else velocity_fn(x, t, flag)
 
-    # Each step: (carry (x, aux), per-step inputs) -> (x', aux', Gaussian (mean, std) or None).
+    # Each step: (carry (x, aux), (flag, per-step inputs)) -> (x', aux', Gaussian (mean, std) or None).
     if method == "euler":
 
-        def step(x, aux, inputs):
+        def step(x, aux, flag, inputs):
             sigma, sigma_next = inputs
-            return euler_step(x, velocity(x, sigma), sigma, sigma_next), aux, None
+            return euler_step(x, velocity(x, sigma, flag), sigma, sigma_next), aux, None
 
         inputs, aux = (sigmas[:-1], sigmas[1:]), ()
     elif method == "sde":
 
-        def step(x, aux, inputs):
+        def step(x, aux, flag, inputs):
             i, sigma, sigma_next = inputs
-            mean, std = sde_step_gaussian(x, velocity(x, sigma), sigma, sigma_next, eta, sigma_cap=sigmas[1])
+            mean, std = sde_step_gaussian(x, velocity(x, sigma, flag), sigma, sigma_next, eta, sigma_cap=sigmas[1])
             return mean + std * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype), aux, (mean, std)
 
         inputs, aux = (jnp.arange(steps), sigmas[:-1], sigmas[1:]), ()
     else:
 
-        def step(x, x0_prev, inputs):
+        def step(x, x0_prev, flag, inputs):
             sigma, a, b, c = inputs
-            x0 = x - sigma * velocity(x, sigma)
+            x0 = x - sigma * velocity(x, sigma, flag)
             return a * x + b * x0 + c * (x0 - x0_prev), x0, None
 
         inputs, aux = (sigmas[:-1], *dpm_solver2_coefficients(sigmas)), jnp.zeros_like(x_T)
 
     def body(carry, step_inputs):
         x, aux = carry
-        x_next, aux, gaussian = step(x, aux, step_inputs)
+        flag, inputs = step_inputs
+        x_next, aux, gaussian = step(x, aux, flag, inputs)
         x_next = x_next.astype(x.dtype)
         return (x_next, aux), (x_next if return_trajectory else None, gaussian if return_gaussians else None)
 
-    (latents, _), (trajectory, gaussians) = jax.lax.scan(body, (x_T, aux), inputs)
+    (latents, _), (trajectory, gaussians) = jax.lax.scan(body, (x_T, aux), (flags, inputs))
     if return_trajectory:
         trajectory = jnp.concatenate([x_T[None], trajectory])
     means, stds = gaussians if return_gaussians else (None, None)

@@ -265,6 +265,24 @@ def load_lora(path, base_params: PyTree | None = None, adapter: str = "default")
     return lora, spec
 
 
+def load_matching(path, spec: LoRASpec, base_params: PyTree, source: str) -> LoRAParams:
+    """:func:`load_lora` of ``path`` for a model whose LoRA is ``spec``: its rank, alpha and modules must be
+    ``spec``'s (no silent re-ranking or re-scaling), else a ValueError naming ``config.lora.<key>`` and what the
+    adapter has (``source`` says where the path came from). Returns float32 host arrays."""
+    adapter, found = load_lora(path, base_params=base_params)
+    where = f"the adapter of {source} = {str(path)!r}"
+    for key, want, got in (("rank", spec.rank, found.rank), ("alpha", spec.alpha, found.alpha)):
+        if want != got:
+            raise ValueError(f"config.lora.{key} = {want!r}, but {where} has {key} {got!r} (--config.lora.{key}={got!r})")
+    ours = set(target_shapes(base_params, spec))
+    if ours != set(adapter):
+        raise ValueError(
+            f"config.lora.targets = {spec.targets!r} matches {len(ours)} modules, {where} has {len(adapter)}: only in the "
+            f"config {sorted(ours - set(adapter))[:4]}, only in the adapter {sorted(set(adapter) - ours)[:4]}"
+        )
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), adapter)
+
+
 def import_peft(directory) -> tuple[LoRAParams, LoRASpec]:
     """:func:`load_lora` (kept for old callers; it reads diffusers' file and every other layout alike)."""
     return load_lora(directory)

@@ -43,7 +43,7 @@ Build options (:class:`MMDiT`, :func:`build`, :func:`from_config`, :func:`from_t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -423,11 +423,38 @@ def _scan_run(
     return x, context
 
 
+def _skip_set(skip_layers: Sequence[int], num_layers: int) -> frozenset[int]:
+    """``skip_layers`` as a set of block indices.
+
+    Raises:
+      ValueError: an entry that is not an integer in ``[0, num_layers)``, naming it.
+    """
+    for i in skip_layers:
+        if isinstance(i, bool) or not isinstance(i, int | np.integer) or not 0 <= i < num_layers:
+            raise ValueError(f"MMDiT: skip layer {i!r} is not a block index in [0, {num_layers})")
+    return frozenset(int(i) for i in skip_layers)
+
+
+def _runs_without(indices: range, skip: frozenset[int]) -> list[list[int]]:
+    """``indices`` cut into runs of consecutive indices not in ``skip``: ``range(0, 5)``, ``{1, 2}`` -> ``[[0], [3, 4]]``."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if i in skip:
+            continue
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 class MMDiT(nnx.Module):
     """diffusers ``SD3Transformer2DModel`` on NHWC latents.
 
     ``__call__(latents [B, H, W, C], timestep [B], context [B, L, joint_attention_dim], pooled [B, P])
-    -> velocity [B, H, W, out_channels]`` in ``latents``' dtype; ``timestep = 1000 * t``.
+    -> velocity [B, H, W, out_channels]`` in ``latents``' dtype; ``timestep = 1000 * t``. The keyword
+    ``skip_layers`` (a static tuple of block indices) leaves those blocks out, as diffusers' ``skip_layers``
+    (SD3.5's skip-layer guidance); scanned, a group's runs are cut around the skipped blocks.
 
     ``remat`` (:data:`REMAT_POLICIES` or a bool), ``scan_blocks`` and ``attention`` (the attention
     implementation): the module docstring.
@@ -471,27 +498,38 @@ class MMDiT(nnx.Module):
         self.norm_out = AdaLayerNormContinuous(dim, layers)
         self.proj_out = layers.linear(dim, cfg.patch_size**2 * cfg.out_dim)
 
-    def _blocks(self, x: Array, c: Array, temb: Array) -> Array:
-        """The joint blocks in order: ``x [B, N, D]``, ``c [B, L, D]`` -> ``x``."""
+    def _blocks(self, x: Array, c: Array, temb: Array, skip: frozenset[int]) -> Array:
+        """The joint blocks in order, those in ``skip`` left out: ``x [B, N, D]``, ``c [B, L, D]`` -> ``x``."""
         run = _run_block if self.remat == "none" else nnx.remat(_run_block, policy=_checkpoint_policy(self.remat))
         if not self.scan_blocks:
-            for block in self.transformer_blocks:
-                x, c = run(block, x, c, temb)
+            for i, block in enumerate(self.transformer_blocks):
+                if i not in skip:
+                    x, c = run(block, x, c, temb)
             return x
         for start, stop in self.block_groups:
-            for graphdef, blocks, states in _equal_graph_runs([self.transformer_blocks[i] for i in range(start, stop)]):
-                if len(blocks) > 1:
-                    x, c = _scan_run(graphdef, states, x, c, temb, self.remat)
-                else:
-                    x, c = run(blocks[0], x, c, temb)
+            for kept in _runs_without(range(start, stop), skip):
+                for graphdef, blocks, states in _equal_graph_runs([self.transformer_blocks[i] for i in kept]):
+                    if len(blocks) > 1:
+                        x, c = _scan_run(graphdef, states, x, c, temb, self.remat)
+                    else:
+                        x, c = run(blocks[0], x, c, temb)
         return x
 
-    def __call__(self, latents: Array, timestep: Array, context: Array, pooled: Array) -> Array:
+    def __call__(
+        self, latents: Array, timestep: Array, context: Array, pooled: Array, *, skip_layers: Sequence[int] = ()
+    ) -> Array:
+        """``skip_layers`` (static): indices of joint blocks left out (image and context states pass them unchanged),
+        diffusers' ``skip_layers`` (skip-layer guidance).
+
+        Raises:
+          ValueError: a skip layer that is not a block index, naming it.
+        """
+        skip = _skip_set(skip_layers, len(self.transformer_blocks))
         dt = self.compute_dtype
         b, h, w, _ = latents.shape
         x = self.pos_embed(latents.astype(dt))
         temb = self.time_text_embed(timestep, pooled.astype(dt), dt)
-        x = self._blocks(x, self.context_embedder(context.astype(dt)), temb)
+        x = self._blocks(x, self.context_embedder(context.astype(dt)), temb, skip)
         x = self.proj_out(self.norm_out(x, temb).astype(dt))
         p, co = self.patch_size, self.out_channels
         x = x.reshape(b, h // p, w // p, p, p, co).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, co)
@@ -527,7 +565,7 @@ def from_config(
     """``(apply_fn, params)`` from a diffusers config dict, with random parameters (kernels
     ``N(0, 1 / fan_in)``, zero biases, unit norm scales: :func:`~marble_jax.models.functional.random_params`),
     or with ``key=None`` the abstract ``ShapeDtypeStruct`` tree (about two seconds for SD3.5-Large).
-    ``apply_fn(params, latents [B,H,W,C], timestep [B], context [B,L,D], pooled [B,P]) -> [B,H,W,C]``.
+    ``apply_fn(params, latents [B,H,W,C], timestep [B], context [B,L,D], pooled [B,P], *, skip_layers=()) -> [B,H,W,C]``.
     Under ``jax.eval_shape`` it costs the same as ``key=None``. ``remat``, ``scan_blocks``, ``attention``:
     the module docstring; the parameter tree is the same for every choice."""
     module = build(config, dtype=dtype, compute_dtype=compute_dtype, remat=remat, scan_blocks=scan_blocks, attention=attention)
