@@ -4,7 +4,11 @@
         [--etas=0.8,1.0] [--num_steps=20] [--images_per_prompt=4] [--guidance=1.0] [--seed=0] [--out=samples]
 
 ``--models``: training workdirs of :mod:`marble_jax.train` (each with ``config.json`` and ``checkpoints/``), all
-fine-tuned from the same base model (the same ``model`` and LoRA settings), or ``base`` for the base model itself.
+fine-tuned from the same base model (the same ``model`` and LoRA settings), ``base`` for the base model itself, or
+``lora:PATH`` for a LoRA adapter a PyTorch trainer wrote (:func:`marble_jax.models.lora.load_lora`: diffusers' file,
+a peft directory, a DiffusionNFT / Flow-GRPO checkpoint). Without a workdir among them, ``--config`` names the base
+model (e.g. ``--config=configs/k5.py:sd35 --config.model.path=DIR``) and the adapters' rank, alpha and modules set
+its LoRA; with one, adapters must match its LoRA.
 Their EMA parameters (``--params=ema``, the default, as evaluation uses) or raw parameters (``--params=params``) are
 stacked and every sampler step runs the M models in one batched network call (:func:`marble_jax.msdda.fused_sample`):
 each model's Flow-GRPO SDE step with its own ``--etas`` noise level, fused in closed form with ``--weights`` (on the
@@ -28,15 +32,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
 from PIL import Image
 
 from marble_jax import image_grid, msdda, sampling, train
 from marble_jax.checkpoint import quiet_orbax_logs
 from marble_jax.experiment import Setup, build_setup
+from marble_jax.models import lora
 from marble_jax.prompts import load_prompts
 
 PyTree = Any
 BASE = "base"
+ADAPTER = "lora:"
 # Settings that must agree between fused runs: the base model and the shape of what was trained on it.
 _SHARED = ("model", "finetune", "lora")
 
@@ -51,6 +58,7 @@ _PARAMS = flags.DEFINE_enum("params", "ema", ["ema", "params"], "which parameter
 _BATCH = flags.DEFINE_integer("batch", 16, "images per sampler call")
 _GUIDANCE = flags.DEFINE_float("guidance", 1.0, "classifier-free guidance scale of every model (1: none, as training)")
 _OUT = flags.DEFINE_string("out", "samples", "output directory")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "the base model's config, for --models without a workdir")
 flags.mark_flags_as_required(["models", "prompts"])
 
 
@@ -59,7 +67,7 @@ def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir of marble_jax.train")
-    return ml_collections.ConfigDict(json.loads(path.read_text())["config"])
+    return train.saved_config(json.loads(path.read_text())["config"])
 
 
 def shared_config(workdirs: Sequence[str | Path]) -> ml_collections.ConfigDict:
@@ -90,6 +98,18 @@ def base_trainable(setup: Setup) -> PyTree:
     """Trainable parameters that give the base model: zero LoRA factors, or a copy of the base weights."""
     fresh = setup.init_trainable(setup.base_params, jax.random.key(0))
     return jax.tree.map(jnp.zeros_like, fresh) if setup.lora_spec is not None else fresh
+
+
+def adapter_config(config: ml_collections.ConfigDict, paths: Sequence[str]) -> ml_collections.ConfigDict:
+    """``config`` with the LoRA (rank, alpha, modules) of the adapters at ``paths``, which must all agree."""
+    specs = [lora.load_lora(p)[1] for p in paths]
+    for p, spec in zip(paths[1:], specs[1:], strict=True):
+        if (spec.rank, spec.alpha, spec.targets) != (specs[0].rank, specs[0].alpha, specs[0].targets):
+            raise ValueError(f"adapter {p}: rank, alpha or modules differ from {paths[0]}'s; fused adapters must agree")
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.finetune = "lora"
+    config.lora.update(rank=specs[0].rank, alpha=specs[0].alpha, targets=specs[0].targets)
+    return config
 
 
 def make_fused_sampler(setup: Setup, num_steps: int, guidance: float = 1.0):
@@ -123,22 +143,33 @@ def main(argv: list[str]) -> None:
     std_logging.getLogger("marble_jax").setLevel(std_logging.INFO)
     quiet_orbax_logs()
     models = _MODELS.value
-    runs = [m for m in models if m != BASE]
-    if not runs:
-        raise app.UsageError("--models needs at least one training workdir (the base model alone: --models=base,<run>)")
+    runs = [m for m in models if m != BASE and not m.startswith(ADAPTER)]
+    adapters = [m[len(ADAPTER) :] for m in models if m.startswith(ADAPTER)]
+    if not runs and not adapters:
+        raise app.UsageError("--models needs a training workdir or a lora:PATH adapter (the base model: --models=base,<run>)")
+    if not runs and _CONFIG.value is None:
+        raise app.UsageError("--models without a training workdir needs --config, the base model's config")
     m = len(models)
     w = np.full(m, 1 / m) if _WEIGHTS.value is None else np.asarray([float(x) for x in _WEIGHTS.value])
     if w.shape != (m,):
         raise app.UsageError(f"--weights has {w.size} values for {m} models")
-    config = shared_config(runs)
+    config = shared_config(runs) if runs else adapter_config(_CONFIG.value, adapters)
     etas = np.asarray([float(x) for x in _ETAS.value]) if _ETAS.value else None
     if etas is None:
-        etas = np.asarray([config.sample.eta if mm == BASE else run_config(mm).sample.eta for mm in models])
+        etas = np.asarray([run_config(mm).sample.eta if mm in runs else config.sample.eta for mm in models])
     if etas.shape != (m,) or np.any(etas < 0):
         raise app.UsageError(f"--etas needs {m} non-negative values, got {list(etas)}")
     msdda.check_weights(w, m)
     setup = sampling_setup(config)
-    trees = [base_trainable(setup) if mm == BASE else load_trained(setup, config, mm, _PARAMS.value) for mm in models]
+
+    def trained(model: str) -> PyTree:
+        if model == BASE:
+            return base_trainable(setup)
+        if model.startswith(ADAPTER):
+            return lora.load_matching(model[len(ADAPTER) :], setup.lora_spec, setup.base_params, "--models lora:")
+        return load_trained(setup, config, model, _PARAMS.value)
+
+    trees = [trained(mm) for mm in models]
     stacked = msdda.stack_params(trees)
 
     p = Path(_PROMPTS.value)

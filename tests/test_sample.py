@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from helpers import save_tiny_world
 from PIL import Image
 
 from marble_jax import experiment, train
+from marble_jax.models import lora
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,3 +74,27 @@ def test_models_of_different_bases_are_refused(runs, tmp_path):
     assert proc.returncode != 0 and "config.model differs" in proc.stderr, proc.stderr[-2000:]
     proc = sample(tmp_path, f"--models={tmp_path / 'nowhere'}")
     assert proc.returncode != 0 and "not a training workdir" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_pytorch_users_adapter_samples_as_the_run_it_was_exported_from(runs, tmp_path):
+    """``--models=lora:DIR`` (a diffusers adapter: here run a's EMA LoRA written by ``tools/export_lora.py``) on the
+    base model of ``--config`` gives run a's images: the same parameters, seeds and noise."""
+    spec = importlib.util.spec_from_file_location("export_lora", ROOT / "tools" / "export_lora.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    written = tool.export(runs["a"], tmp_path / "adapter")
+    config = train.saved_config(json.loads((runs["a"] / "config.json").read_text())["config"])
+    _, state = train.restore_run(experiment.build_setup(config), config, runs["a"])
+    loaded, _ = lora.load_lora(written)
+    for name, ab in loaded.items():
+        for k in ("a", "b"):
+            np.testing.assert_array_equal(ab[k], state.ema_params[name][k])
+    world = config.model.world_dir
+    adapter = sample(tmp_path / "adapter_images", f"--models=lora:{tmp_path / 'adapter'}",
+                     f"--config={ROOT / 'tests' / 'tiny_config.py'}:{world}")  # fmt: skip
+    assert adapter.returncode == 0, adapter.stderr[-3000:]
+    run = sample(tmp_path / "run_images", f"--models={runs['a']}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert np.abs(images(tmp_path / "adapter_images").astype(int) - images(tmp_path / "run_images").astype(int)).max() <= 1
+    proc = sample(tmp_path / "no_config", f"--models=lora:{tmp_path / 'adapter'}")
+    assert proc.returncode != 0 and "needs --config" in proc.stderr, proc.stderr[-2000:]
