@@ -92,7 +92,11 @@ def sd35_config(path: str, finetune: str, method: str, overrides: list[str]) -> 
         *parents, last = key.split(".")
         for p in parents:
             node = node[p]
-        node[last] = type(node[last])(value) if node[last] is not None else value
+        old = node[last]
+        if isinstance(old, bool):
+            node[last] = {"true": True, "false": False}[value.lower()]
+        else:
+            node[last] = type(old)(value) if old is not None else value
     return config
 
 
