@@ -3,6 +3,7 @@ full fine-tuning's compute dtype and remat, and the FLOP count behind MFU."""
 
 import importlib.util
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -25,12 +26,25 @@ def world(tmp_path_factory):
     return save_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
-def _plan_tool():
-    spec = importlib.util.spec_from_file_location("plan_sd35", ROOT / "tools" / "plan_sd35.py")
+def _tool(name: str):
+    """``tools/<name>.py`` as a module. The plan sets ``XLA_FLAGS`` (8 host devices) for itself when imported first;
+    here jax is already initialised, and the variable is restored so that no later subprocess inherits it."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclass resolves annotations through it
-    spec.loader.exec_module(module)
+    saved = os.environ.get("XLA_FLAGS")
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            os.environ.pop("XLA_FLAGS", None)
+        else:
+            os.environ["XLA_FLAGS"] = saved
     return module
+
+
+def _plan_tool():
+    return _tool("plan_sd35")
 
 
 def _toy_velocity(params, cond):
@@ -229,9 +243,7 @@ def test_step_rows_carry_phase_times_and_throughput(world, tmp_path):
 def test_bench_gpu_smoke(capsys):
     """``tools/bench_gpu.py --tiny`` (the H200 benchmark's CPU smoke test) runs the trainer's update, attention and a
     rollout and prints its table."""
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "tools" / "bench_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _tool("bench_gpu")
     module.main(["--tiny", "--methods", "weighted_sum,marble_gram", "--reps", "1", "--num-steps", "4"])
     out = capsys.readouterr().out
     table = [line.split() for line in out.splitlines() if line.strip().startswith(("weighted_sum ", "marble_gram "))]
