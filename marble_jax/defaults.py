@@ -125,6 +125,10 @@ def get_config(scale: str = "world") -> ml_collections.ConfigDict:
         dict(data=placeholder(int), fsdp=placeholder(int), num_devices=placeholder(int), replicate_frozen_gb=16.0)
     )
     c.log_every = 1
+    # Reward-hacking monitors (marble_jax/monitors.py): an evaluation-only reward below the step-0 evaluation's mean
+    # by more than eval_only_margin x its per-image std there logs a warning (0.5: a "medium" effect; on the world the
+    # aesthetic's std is 0.64 and the multi-reward runs lower it by 0.19 - 0.37 std)
+    c.monitors = ml_collections.ConfigDict(dict(eval_only_margin=0.5))
     c.eval_only_rewards = EVAL_ONLY_REWARDS[scale]
     if scale == "world":
         c.total_epochs = 30

@@ -19,6 +19,7 @@ import numpy as np
 
 from marble_jax import image_grid, sampling, sharding
 from marble_jax.experiment import Setup
+from marble_jax.monitors import Monitor, scores_path
 from marble_jax.prompts import Prompt
 
 PyTree = Any
@@ -44,11 +45,12 @@ class Evaluator:
     same initial latents, so differences between evaluations are the policy's.
     """
 
-    def __init__(self, setup: Setup, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    def __init__(self, setup: Setup, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, monitor: Monitor | None = None):
         e = config.eval
+        self.monitor = monitor  # the trainer's reward-hacking monitors (marble_jax/monitors.py), told every result
         self.setup, self.mesh, self.batch = setup, mesh, e.batch
-        base = eval_subset(setup.eval_prompts, e.num_prompts)
-        self.prompts = [p for p in base for _ in range(e.images_per_prompt)]
+        self.eval_prompts = eval_subset(setup.eval_prompts, e.num_prompts)
+        self.prompts = [p for p in self.eval_prompts for _ in range(e.images_per_prompt)]
         self.key = jax.random.fold_in(jax.random.key(config.seed), 10_000_019)
         self.grid_images = e.grid_images
         self._context: np.ndarray | None = None
@@ -75,16 +77,27 @@ class Evaluator:
             out.append(sharding.to_host(imgs)[:n])
         return np.concatenate(out)
 
+    def per_image_scores(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """float32 ``[N]`` scores of every evaluation reward on ``images`` (of :meth:`images`; NaN: n/a)."""
+        texts, meta = [p.text for p in self.prompts], [p.metadata for p in self.prompts]
+        return {n: np.asarray(fn(images, texts, meta), np.float32) for n, fn in self.setup.eval_rewards.items()}
+
     def scores(self, images: np.ndarray) -> dict[str, float]:
         """Mean held-out score of every evaluation reward on ``images`` (of :meth:`images`)."""
-        texts, meta = [p.text for p in self.prompts], [p.metadata for p in self.prompts]
-        return mean_scores({n: fn(images, texts, meta) for n, fn in self.setup.eval_rewards.items()})
+        return mean_scores(self.per_image_scores(images))
 
     def run(self, trainable: PyTree | None, base: PyTree, decode_params: PyTree, step: int, writer, workdir: Path) -> dict:
-        """Samples, scores, and writes ``eval/<reward>`` scalars, ``samples/step_<n>.png`` and a line of ``eval.jsonl``."""
+        """Samples, scores, and writes ``eval/<reward>`` scalars, ``samples/step_<n>.png``, a line of ``eval.jsonl``
+        and the per-image scores ``samples/step_<n>_scores.json`` (``{"prompts": [P], "prompt_index": [N], "scores":
+        {reward: [N]}}``: image i is of held-out prompt ``prompt_index[i]``, NaN where a reward does not apply; the
+        data of :mod:`marble_jax.statistics`' intervals over prompts). With a monitor, its ``monitor/*`` scalars of this
+        evaluation are written with the ``eval/*`` ones (:meth:`marble_jax.monitors.Monitor.on_eval`)."""
         images = self.images(trainable, base, decode_params)
-        scores = self.scores(images)
-        writer.write_scalars(step, {f"eval/{n}": v for n, v in scores.items()})
+        per_image = self.per_image_scores(images)
+        scores = mean_scores(per_image)
+        # --- monitors: the evaluation's result handed to the reward-hacking monitors (marble_jax/monitors.py) ---
+        extra = self.monitor.on_eval(step, scores, per_image) if self.monitor is not None else {}
+        writer.write_scalars(step, {**{f"eval/{n}": v for n, v in scores.items()}, **extra})
         if jax.process_index() == 0:
             grid = image_grid.grid(images[: self.grid_images], cols=int(np.ceil(np.sqrt(self.grid_images))), scale=2)
             writer.write_images(step, {"samples": grid[None]})
@@ -92,5 +105,12 @@ class Evaluator:
                                  cols=int(np.ceil(np.sqrt(self.grid_images))), scale=2)  # fmt: skip
             with open(Path(workdir) / "eval.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **scores}) + "\n")
+            per_prompt = len(self.prompts) // len(self.eval_prompts)
+            detail = {
+                "prompts": [p.text for p in self.eval_prompts],
+                "prompt_index": [i // per_prompt for i in range(len(self.prompts))],
+                "scores": {n: v.tolist() for n, v in per_image.items()},
+            }
+            scores_path(workdir, step).write_text(json.dumps(detail) + "\n")  # rewritten when a resume re-evaluates
         log.info("eval at step %d: %s", step, "  ".join(f"{n}={v:.4f}" for n, v in scores.items()))
         return scores

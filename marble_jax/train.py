@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from marble_jax import advantages, balance, dpo, mgda, prompt_cache, run_log, sampling, sharding, throughput
+from marble_jax import advantages, balance, dpo, mgda, monitors, prompt_cache, run_log, sampling, sharding, throughput
 from marble_jax.checkpoint import Checkpointer
 from marble_jax.experiment import Setup
 from marble_jax.nft_loss import NFTConfig, NFTInputs
@@ -57,6 +57,8 @@ RESUMABLE_CHANGES = (
     "checkpoint",
     "checkpoint.*",
     "log_every",
+    "monitors",
+    "monitors.*",
     "diagnostics_every",
     # where and how the same computation runs: a checkpoint restores onto any mesh (resharded), remat changes no value,
     # and a reward's batching, device and worker count change how it is computed, not its scores
@@ -697,15 +699,17 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
     embed = setup.encode if isinstance(setup.encode, prompt_cache.EmbeddingCache) else prompt_cache.EmbeddingCache(setup.encode)
     text_dtype = frozen_dtype(config)
     weights = np.array([float(config.reward_weights.get(n, 1.0)) for n in names], np.float32)
-    # TensorBoard event files (process 0); the console gets the progress line and the evaluations.
-    writer = metric_writers.MultiWriter(
-        [metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(workdir)))] if jax.process_index() == 0 else []
-    )
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, k))
-    evaluator = Evaluator(setup, config, mesh)
+    monitor = monitors.Monitor(config, workdir)  # reward-hacking monitors: per-step scalars, evaluation-only checks
+    evaluator = Evaluator(setup, config, mesh, monitor=monitor)
     total = config.total_epochs
     start_step = int(sharding.to_host(state.step))
     evaluated = run_log.resume_logs(workdir, start_step, writes)  # the steps already evaluated, up to start_step
+    # TensorBoard event files (process 0), opened after resume_logs's purge file so that theirs sorts after it; the
+    # console gets the progress line and the evaluations.
+    writer = metric_writers.MultiWriter(
+        [metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(workdir)))] if jax.process_index() == 0 else []
+    )
     times: list[float] = []
     last_save = time.monotonic()
     devices = list(mesh.devices.flat)
@@ -791,6 +795,7 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
                 {f"train/{n}": float(np.nanmean(rewards[i])) for i, n in enumerate(names) if np.isfinite(rewards[i]).any()}
             )
             scalars["diagnostics"] = float(diagnose and config.method not in balance.SOLVING_MODES)
+            scalars.update(monitor.step_scalars(step, x0_chunks, scalars))  # monitor/*: image drift, train-eval gaps
             scalars.update(_throughput(timer.seconds, times[-1], batch, chunks * rollout_flops, update_flops, devices))
             writer.write_scalars(step + 1, scalars)
             if jax.process_index() == 0:

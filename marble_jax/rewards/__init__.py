@@ -27,6 +27,8 @@ _REGISTRY: dict[str, str] = {
     # The embedded world's rule rewards (pixel detector / pixel-font reader).
     "world_geneval": "marble_jax.world.rule_rewards:world_geneval",
     "world_ocr": "marble_jax.world.rule_rewards:world_ocr",
+    # Deliberately hackable (pays for mean brightness), to exercise the reward-hacking monitors (monitors.py).
+    "world_brightness": "marble_jax.world.rule_rewards:world_brightness",
     # The embedded world's learned scorers (tiny Flax CLIPs / MLP, checkpoints shipped in world/assets/rewards).
     "world_clipscore": "marble_jax.world.model_rewards:world_clipscore",
     "world_pickscore": "marble_jax.world.model_rewards:world_pickscore",
