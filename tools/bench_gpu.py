@@ -1,6 +1,6 @@
 """The SD3.5-M training epoch's pieces on one accelerator, with random weights, side by side in one run.
 
-    python tools/bench_gpu.py                 # SD3.5-M at 512 px, bf16 (one H200: about 6 minutes, compiles included)
+    python tools/bench_gpu.py                 # SD3.5-M at 512 px, bf16 (sized for < 8 minutes on one H200; not yet run on one)
     python tools/bench_gpu.py --tiny          # a tiny MMDiT at 64 px: the CPU smoke test of this script
 
 Rows:
@@ -15,8 +15,9 @@ Rows:
   flash against XLA on a GPU (einsum against XLA elsewhere);
 * a ``--num-steps``-step DPM-2 rollout of ``--rollout-batch`` images, the SD3 VAE decode included, in images/s.
 
-It imports only what an accelerator image has (jax, flax, optax, numpy; ml_collections is a small pure-Python
-wheel): no clu, tensorflow or torch.
+It imports only what an accelerator image has (jax, flax, optax, numpy, orbax) plus ml_collections, a small
+pure-Python wheel to carry where the image lacks it (``pip download --no-deps ml_collections -d .whl``, then
+``pip install --no-deps --target /tmp/site .whl/*.whl`` there): no clu, tensorflow or torch.
 """
 
 from __future__ import annotations
