@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
 import numpy as np
 
 
@@ -469,3 +475,21 @@ def save_tiny_sd3_snapshot(directory, with_t5: bool = True):
 
     tiny_sd3_pipeline(with_t5).save_pretrained(directory)
     return Path(directory)
+
+
+def load_tool(name: str) -> types.ModuleType:
+    """``tools/<name>.py`` as a module (registered in ``sys.modules``, which dataclasses need). A tool that sets
+    ``XLA_FLAGS`` for itself on import (``plan_sd35``: 8 host devices) does not leak it: jax is already initialised
+    here, and a later subprocess must not inherit it."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    saved = os.environ.get("XLA_FLAGS")
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            os.environ.pop("XLA_FLAGS", None)
+        else:
+            os.environ["XLA_FLAGS"] = saved
+    return module

@@ -1,10 +1,7 @@
 """The epoch update as a program: micro-batches fed by index, the plan lowering the trainer's own step, placement,
 full fine-tuning's compute dtype and remat, and the FLOP count behind MFU."""
 
-import importlib.util
 import json
-import os
-import sys
 import types
 from pathlib import Path
 
@@ -13,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_config
-from helpers import save_tiny_world
+from helpers import load_tool, save_tiny_world
 
 from marble_jax import balance, experiment, mgda, sharding, throughput, train
 from marble_jax.nft_loss import NFTConfig
@@ -26,25 +23,8 @@ def world(tmp_path_factory):
     return save_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
-def _tool(name: str):
-    """``tools/<name>.py`` as a module. The plan sets ``XLA_FLAGS`` (8 host devices) for itself when imported first;
-    here jax is already initialised, and the variable is restored so that no later subprocess inherits it."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass resolves annotations through it
-    saved = os.environ.get("XLA_FLAGS")
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if saved is None:
-            os.environ.pop("XLA_FLAGS", None)
-        else:
-            os.environ["XLA_FLAGS"] = saved
-    return module
-
-
 def _plan_tool():
-    return _tool("plan_sd35")
+    return load_tool("plan_sd35")
 
 
 def _toy_velocity(params, cond):
@@ -243,7 +223,7 @@ def test_step_rows_carry_phase_times_and_throughput(world, tmp_path):
 def test_bench_gpu_smoke(capsys):
     """``tools/bench_gpu.py --tiny`` (the H200 benchmark's CPU smoke test) runs the trainer's update, attention and a
     rollout and prints its table."""
-    module = _tool("bench_gpu")
+    module = load_tool("bench_gpu")
     module.main(["--tiny", "--methods", "weighted_sum,marble_gram", "--reps", "1", "--num-steps", "4"])
     out = capsys.readouterr().out
     table = [line.split() for line in out.splitlines() if line.strip().startswith(("weighted_sum ", "marble_gram "))]

@@ -3,16 +3,14 @@ orbax parameter checkpoint of tools/convert_sd3.py, and snapshot errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import rel_err, t64, tiny_sd3_pipeline, torch_float64
+from helpers import load_tool, rel_err, t64, tiny_sd3_pipeline, torch_float64
 
 from marble_jax import pipeline
 from marble_jax.models.functional import path_leaves
@@ -85,10 +83,7 @@ def test_prompt_to_latents_and_images_match_diffusers(request, variant):
 
 
 def _convert_tool():
-    spec = importlib.util.spec_from_file_location("convert_sd3", Path(__file__).parents[1] / "tools" / "convert_sd3.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("convert_sd3")
 
 
 def test_orbax_checkpoint_loads_the_same_params_and_functions(with_t5, tmp_path):

@@ -3,14 +3,13 @@ a tiny SD3 snapshot."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import save_tiny_sd3_snapshot
+from helpers import load_tool, save_tiny_sd3_snapshot
 
 from marble_jax import pipeline, prompt_cache
 from marble_jax.prompt_cache import EmbeddingCache, MissingEmbeddingError, PrecomputedEmbeddings
@@ -145,10 +144,7 @@ def test_precomputed_errors_name_the_file_and_prompt(tmp_path):
 
 
 def _encode_tool():
-    spec = importlib.util.spec_from_file_location("encode_prompts", Path(__file__).parents[1] / "tools" / "encode_prompts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("encode_prompts")
 
 
 def test_encode_prompts_tool_end_to_end_and_resumable(tmp_path, monkeypatch):

@@ -1,25 +1,17 @@
 """tools/reproduce_marble.py: every method's config is valid and differs from k5 only where it should; the
 summary reads what the trainer writes."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import load_tool
 
 from marble_jax import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("reproduce_marble", ROOT / "tools" / "reproduce_marble.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce_marble"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("reproduce_marble")
 
 
 def test_method_configs(tool):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny_config
-from helpers import save_tiny_world
+from helpers import load_tool, save_tiny_world
 from PIL import Image
 
 from marble_jax import experiment, train
@@ -79,10 +78,7 @@ def test_models_of_different_bases_are_refused(runs, tmp_path):
 def test_a_pytorch_users_adapter_samples_as_the_run_it_was_exported_from(runs, tmp_path):
     """``--models=lora:DIR`` (a diffusers adapter: here run a's EMA LoRA written by ``tools/export_lora.py``) on the
     base model of ``--config`` gives run a's images: the same parameters, seeds and noise."""
-    spec = importlib.util.spec_from_file_location("export_lora", ROOT / "tools" / "export_lora.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    written = tool.export(runs["a"], tmp_path / "adapter")
+    written = load_tool("export_lora").export(runs["a"], tmp_path / "adapter")
     config = train.saved_config(json.loads((runs["a"] / "config.json").read_text())["config"])
     _, state = train.restore_run(experiment.build_setup(config), config, runs["a"])
     loaded, _ = lora.load_lora(written)

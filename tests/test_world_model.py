@@ -1,22 +1,15 @@
 """The embedded world's base model: the shipped checkpoint and tools/pretrain_world.py."""
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
+from helpers import load_tool
 
 from marble_jax.world import model as world_model
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
 
 def _pretrain_module():
-    spec = importlib.util.spec_from_file_location("pretrain_world", TOOLS / "pretrain_world.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("pretrain_world")
 
 
 def test_shipped_checkpoint_samples_deterministically():
