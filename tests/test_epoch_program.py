@@ -35,15 +35,18 @@ def _toy_velocity(params, cond):
     return w * x_t + side
 
 
+def _epoch(seed: int, b: int, steps: int, k: int) -> tuple:
+    """A synthetic epoch: ``x0 [b, 2, 2, 3]``, ``context [b, 5, 6]``, ``pooled [b, 7]``, ``r [k, b]``, ``t [b, steps]``."""
+    keys = jax.random.split(jax.random.key(seed), 5)
+    return (jax.random.normal(keys[0], (b, 2, 2, 3)), jax.random.normal(keys[1], (b, 5, 6)),
+            jax.random.normal(keys[2], (b, 7)), jax.random.uniform(keys[3], (k, b)),
+            jax.random.uniform(keys[4], (b, steps), minval=0.1, maxval=0.9))  # fmt: skip
+
+
 def test_micro_batch_i_holds_its_rows_timestep_noise_and_frozen_forwards():
     """Micro-batch i = timestep column i // C of the strided chunk i % C: every field against a numpy rebuild."""
     b, mb, steps, k = 12, 4, 3, 2
-    keys = jax.random.split(jax.random.key(0), 5)
-    x0 = jax.random.normal(keys[0], (b, 2, 2, 3))
-    context = jax.random.normal(keys[1], (b, 5, 6))
-    pooled = jax.random.normal(keys[2], (b, 7))
-    r = jax.random.uniform(keys[3], (k, b))
-    t_table = jax.random.uniform(keys[4], (b, steps))
+    x0, context, pooled, r, t_table = _epoch(0, b, steps, k)
     old = {"w": jnp.float32(0.7)}
     micro = train.nft_micro_batches(_toy_velocity, old, x0, context, pooled, (r, r[0]), t_table, jax.random.key(9), mb, kl=True)
     chunks = b // mb
@@ -73,12 +76,7 @@ def test_fed_by_index_equals_the_stacked_micro_batches(mode):
     old feeding), for the three accumulation paths. Same operations in the same order: float32 agreement to a few
     ulps of the sums (bound 1e-5 relative)."""
     b, mb, steps, k = 8, 4, 2, 3
-    keys = jax.random.split(jax.random.key(1), 5)
-    x0 = jax.random.normal(keys[0], (b, 2, 2, 3))
-    context = jax.random.normal(keys[1], (b, 5, 6))
-    pooled = jax.random.normal(keys[2], (b, 7))
-    r = jax.random.uniform(keys[3], (k, b))
-    t_table = jax.random.uniform(keys[4], (b, steps), minval=0.1, maxval=0.9)
+    x0, context, pooled, r, t_table = _epoch(1, b, steps, k)
     params = {"w": jnp.float32(1.3)}
     old = {"w": jnp.float32(1.1)}
     rs = (r,) if mode != "weighted_sum" else (r[0],)
