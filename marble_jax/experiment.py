@@ -102,7 +102,7 @@ def _velocity(module_config: dict, config: ml_collections.ConfigDict) -> tuple[C
     def velocity(base, trainable, x, t, context, pooled):
         return lora_apply(base, trainable, x, 1000 * t, context, pooled)
 
-    init_from = config.lora.get("init_from", "")  # absent from the config.json of runs saved before it existed
+    init_from = config.lora.init_from
     if not init_from:
         return velocity, lambda base, key: lora.init_lora(base, spec, key), spec
     # A run started from a PyTorch / exported adapter (lora.load_lora), checked here, before any compute.

@@ -48,7 +48,7 @@ def peak_flops(device: Any) -> float | None:
 def _eqn_flops(eqn: Any) -> float:
     name = eqn.primitive.name
     if name == "dot_general":
-        (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+        (lhs_contract, _), _ = eqn.params["dimension_numbers"]
         lhs = eqn.invars[0].aval.shape
         out = eqn.outvars[0].aval.shape
         contracted = math.prod(lhs[i] for i in lhs_contract)

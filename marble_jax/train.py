@@ -158,7 +158,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for key, value in (("sample.method", s.method), ("eval.method", config.eval.method)):
         if value not in sampling.METHODS:
             raise ValueError(f"config.{key} = {value!r} is not one of {sampling.METHODS}")
-    if config.finetune == "full" and config.lora.get("init_from"):
+    if config.finetune == "full" and config.lora.init_from:
         raise ValueError(
             f"config.lora.init_from = {config.lora.init_from!r} starts a LoRA run from an adapter; config.finetune is "
             "'full' (merge the adapter into the base weights, or train with --config.finetune=lora)"
@@ -549,7 +549,7 @@ def frozen_layout(setup: Setup, config: ml_collections.ConfigDict, mesh: jax.sha
     dtype = frozen_dtype(config)
     cast = lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)  # noqa: E731
     abstract = jax.tree.map(cast, setup.base_params)
-    limit = int(config.mesh.get("replicate_frozen_gb", 16.0) * 2**30)
+    limit = int(config.mesh.replicate_frozen_gb * 2**30)
     return abstract, sharding.frozen_shardings(abstract, mesh, limit)
 
 
@@ -729,7 +729,7 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
             # Rollouts in chunks. Chunk c's images go to the reward pool as soon as they land, while the device rolls
             # out chunk c + 1 (a JAX reward's work is queued right behind it); host rewards overlap the rollouts.
             key = _key(root, step, "rollout")
-            x0_chunks, futures, chunks = [], [], batch // s.rollout_batch
+            rollouts, futures, chunks = [], [], batch // s.rollout_batch
             with timer.phase("rollout"):
                 for c in range(chunks + 1):
                     if c < chunks:
@@ -737,9 +737,9 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
                         args = (base, state.old_params, decode_params, sharding.to_global(context[sl], bsh(3)),
                                 sharding.to_global(pooled[sl], bsh(2)), jax.random.fold_in(key, c))  # fmt: skip
                         rollout, rollout_flops = program(("rollout",), rollout_jit, *args)
-                        x0_chunks.append(rollout(*args))
+                        rollouts.append(rollout(*args))  # (x0, images) of chunk c
                     if c:  # chunk c - 1 lands while chunk c rolls out
-                        rows, host = sharding.local_rows(x0_chunks[c - 1][1])  # this process's rows only
+                        rows, host = sharding.local_rows(rollouts[c - 1][1])  # this process's rows only
                         chunk_prompts = [prompts[(c - 1) * s.rollout_batch + i] for i in rows]
                         futures.append((rows, [pool.submit(_score, n, setup.rewards[n], host, chunk_prompts) for n in names]))
             with timer.phase("rewards"):
@@ -763,7 +763,7 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
             else:
                 with timer.phase("update"):
                     train_step, update_flops = program(("train", solve, diagnose), train_jit, *train_args, solve, diagnose)
-                    x0 = jax.device_put(jnp.concatenate([x for x, _ in x0_chunks]), bsh(4))
+                    x0 = jax.device_put(jnp.concatenate([x for x, _ in rollouts]), bsh(4))
                     state, metrics = train_step(
                         state,
                         base,
@@ -795,7 +795,7 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
                 {f"train/{n}": float(np.nanmean(rewards[i])) for i, n in enumerate(names) if np.isfinite(rewards[i]).any()}
             )
             scalars["diagnostics"] = float(diagnose and config.method not in balance.SOLVING_MODES)
-            scalars.update(monitor.step_scalars(step, x0_chunks, scalars))  # monitor/*: image drift, train-eval gaps
+            scalars.update(monitor.step_scalars(step, rollouts, scalars))  # monitor/*: image drift, train-eval gaps
             scalars.update(_throughput(timer.seconds, times[-1], batch, chunks * rollout_flops, update_flops, devices))
             writer.write_scalars(step + 1, scalars)
             if jax.process_index() == 0:
