@@ -125,6 +125,9 @@ def get_config(scale: str = "world") -> ml_collections.ConfigDict:
         dict(data=placeholder(int), fsdp=placeholder(int), num_devices=placeholder(int), replicate_frozen_gb=16.0)
     )
     c.log_every = 1
+    # A directory for JAX's persistent compilation cache: compiled programs are kept there and a resumed or repeated
+    # run of the same program loads them instead of compiling ("": off)
+    c.compilation_cache_dir = ""
     # Reward-hacking monitors (marble_jax/monitors.py): an evaluation-only reward below the step-0 evaluation's mean
     # by more than eval_only_margin x its per-image std there logs a warning (0.5: a "medium" effect; on the world the
     # aesthetic's std is 0.64 and the multi-reward runs lower it by 0.19 - 0.37 std)

@@ -48,6 +48,7 @@ def main(argv: list[str]) -> None:
     from marble_jax import experiment, run_log, train
 
     config = _CONFIG.value
+    train.enable_compilation_cache(config.compilation_cache_dir)
     workdir = Path(_WORKDIR.value or run_log.default_workdir(flags.FLAGS["config"].config_filename))
     train.validate(config, train.run_mesh(config).size)  # every config check before any model is loaded
     if not config.model.path:

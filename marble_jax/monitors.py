@@ -216,6 +216,28 @@ class Monitor:
         return out
 
 
+def eval_only_shift(workdir: str | Path, step: int, reward: str) -> float:
+    """The change of ``reward``'s held-out mean from the step-0 evaluation (the base) to the evaluation at ``step``,
+    in units of the base's per-image standard deviation: what :meth:`Monitor.on_eval` logs as
+    ``monitor/eval_only_shift/<reward>`` (it warns below ``-config.monitors.eval_only_margin``), read back from the
+    evaluator's per-image score files of a run. NaN when the reward is not among the scores or the base's std is 0.
+
+    Raises:
+      FileNotFoundError: a run without the per-image scores of step 0 or ``step``.
+    """
+    values = []
+    for s in (0, step):
+        path = scores_path(Path(workdir), s)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no per-image scores of {workdir}'s evaluation at step {s}")
+        values.append(np.asarray(json.loads(path.read_text())["scores"].get(reward, [math.nan]), np.float64))
+    base, now = values
+    std0 = _std(base)
+    if not (math.isfinite(std0) and std0 > 0):
+        return math.nan
+    return (float(np.nanmean(now)) - float(np.nanmean(base))) / std0
+
+
 def _std(values) -> float:
     """The population standard deviation of the finite ``values`` (NaN: where the reward does not apply)."""
     x = np.asarray(values, np.float64)

@@ -85,23 +85,71 @@ def _matrix(scores, what: str) -> np.ndarray:
     return x
 
 
-def _two_way_statistic(x: np.ndarray, levels: tuple[str, ...]):
+def _two_way_statistic(x: np.ndarray, offsets: np.ndarray, scales: np.ndarray, levels: tuple[str, ...]):
     """The vectorised statistic of the module doc on index samples: seed indices ``[..., S]`` and / or prompt
-    indices ``[..., P]`` (batch axes in front) -> the mean of the selected sub-matrix ``[...]``."""
+    indices ``[..., P]`` (batch axes in front) -> ``[...]``. ``x [K, S, P]`` holds K rewards (NaN: reward ``k`` does
+    not apply to prompt ``p``, on every seed); the statistic is the mean over k of ``(m_k - offsets[k]) /
+    scales[k]``, ``m_k`` the mean of reward k over the drawn cells where it applies (K = 1, offset 0, scale 1: the
+    mean of the drawn sub-matrix)."""
+    applies = (~np.isnan(x[:, 0])).astype(np.float64)  # [K, P_all]
+    filled = np.nan_to_num(x)
 
     def statistic(*idx, axis=-1):
-        rows = idx[levels.index("seeds")] if "seeds" in levels else np.arange(x.shape[0])
-        cols = idx[levels.index("prompts")] if "prompts" in levels else np.arange(x.shape[1])
+        rows = idx[levels.index("seeds")] if "seeds" in levels else np.arange(x.shape[1])
+        cols = idx[levels.index("prompts")] if "prompts" in levels else np.arange(x.shape[2])
         rows, cols = np.asarray(rows), np.asarray(cols)
         if axis != -1:
             rows, cols = np.moveaxis(rows, axis, -1), np.moveaxis(cols, axis, -1)
         batch = np.broadcast_shapes(rows.shape[:-1], cols.shape[:-1])
-        col_means = x[rows].mean(-2)  # [..., P_all]: the mean over the drawn seeds of every prompt
-        col_means = np.broadcast_to(col_means, (*batch, x.shape[1]))
-        cols = np.broadcast_to(cols, (*batch, cols.shape[-1]))
-        return np.take_along_axis(col_means, cols, axis=-1).mean(-1)
+        col_means = filled[:, rows].mean(-2)  # [K, ..., P_all]: the mean over the drawn seeds of every prompt
+        col_means = col_means.reshape(len(x), *(1,) * (len(batch) + 2 - col_means.ndim), *col_means.shape[1:])
+        col_means = np.broadcast_to(col_means, (len(x), *batch, x.shape[2]))
+        cols = np.broadcast_to(cols, (len(x), *batch, cols.shape[-1]))
+        counts = np.take_along_axis(applies.reshape(len(x), *(1,) * len(batch), -1), cols, axis=-1)
+        sums = (np.take_along_axis(col_means, cols, axis=-1) * counts).sum(-1)
+        with np.errstate(invalid="ignore", divide="ignore"):  # a reward drawn on none of its prompts: left out
+            z = (sums / counts.sum(-1) - offsets.reshape(-1, *(1,) * len(batch))) / scales.reshape(-1, *(1,) * len(batch))
+        return np.nanmean(z, axis=0)
 
     return statistic
+
+
+def _bootstrap(
+    x: np.ndarray,
+    offsets: np.ndarray,
+    scales: np.ndarray,
+    *,
+    confidence_level: float,
+    n_resamples: int,
+    method: str,
+    seed: int,
+    what: str,
+) -> Interval:
+    """:func:`bootstrap_ci` / :func:`composite_ci` on the checked ``x [K, S, P]`` (see :func:`_two_way_statistic`)."""
+    if method not in METHODS:
+        raise ValueError(f"{what}: method must be one of {METHODS}, got {method!r}")
+    levels = tuple(name for name, n in zip(("seeds", "prompts"), x.shape[1:], strict=True) if n > 1)
+    full = tuple(np.arange(n) for n in x.shape[1:])
+    mean = float(_two_way_statistic(x, offsets, scales, ("seeds", "prompts"))(*full))
+    kw = dict(confidence_level=confidence_level, method=method, n_resamples=n_resamples, seed=seed, shape=x.shape[1:])
+    if not levels:
+        return Interval(mean, mean, mean, levels=(), **kw)
+    data = tuple(np.arange(x.shape[1 if name == "seeds" else 2]) for name in levels)
+    if all(np.ptp(v[~np.isnan(v)]) == 0 for v in x):  # every resample gives the mean (BCa is undefined there)
+        return Interval(mean, mean, mean, levels=levels, **kw)
+    result = scipy.stats.bootstrap(
+        data,
+        _two_way_statistic(x, offsets, scales, levels),
+        n_resamples=n_resamples,
+        batch=max(1, min(n_resamples, 2_000_000 // x.size)),  # at most ~16 MB of resampled means at once
+        vectorized=True,
+        paired=False,
+        confidence_level=confidence_level,
+        method=method,
+        rng=np.random.default_rng(seed),
+    )
+    low, high = (float(v) for v in (result.confidence_interval.low, result.confidence_interval.high))
+    return Interval(mean, low, high, levels=levels, **kw)
 
 
 def bootstrap_ci(
@@ -127,30 +175,44 @@ def bootstrap_ci(
     Raises:
       ValueError: a shape other than ``[S, P]``, a NaN on some seeds of a prompt but not others, an unknown method.
     """
-    if method not in METHODS:
-        raise ValueError(f"{what}: method must be one of {METHODS}, got {method!r}")
     x = _matrix(scores, what)
-    mean = float(x.mean())
-    levels = tuple(name for name, n in zip(("seeds", "prompts"), x.shape, strict=True) if n > 1)
-    kw = dict(confidence_level=confidence_level, method=method, n_resamples=n_resamples, seed=seed, shape=x.shape)
-    if not levels:
-        return Interval(mean, mean, mean, levels=(), **kw)
-    data = tuple(np.arange(x.shape[0 if name == "seeds" else 1]) for name in levels)
-    if np.ptp(x) == 0:  # every resample gives the mean (scipy's BCa is undefined on a degenerate distribution)
-        return Interval(mean, mean, mean, levels=levels, **kw)
-    result = scipy.stats.bootstrap(
-        data,
-        _two_way_statistic(x, levels),
-        n_resamples=n_resamples,
-        batch=max(1, min(n_resamples, 2_000_000 // x.size)),  # at most ~16 MB of resampled means at once
-        vectorized=True,
-        paired=False,
-        confidence_level=confidence_level,
-        method=method,
-        rng=np.random.default_rng(seed),
-    )
-    low, high = (float(v) for v in (result.confidence_interval.low, result.confidence_interval.high))
-    return Interval(mean, low, high, levels=levels, **kw)
+    kw = dict(confidence_level=confidence_level, n_resamples=n_resamples, method=method, seed=seed, what=what)
+    return _bootstrap(x[None], np.zeros(1), np.ones(1), **kw)
+
+
+def composite_ci(
+    scores: Mapping[str, object],
+    scale: Mapping[str, tuple[float, float]],
+    *,
+    confidence_level: float = 0.95,
+    n_resamples: int = 9999,
+    method: str = "BCa",
+    seed: int = 0,
+    what: str = "Composite",
+) -> Interval:
+    """Composite (:func:`composite_z`) with its two-level bootstrap interval: ``scores`` ``{reward: [S, P]}`` (one
+    method's rows over the same seeds and prompts for every reward, NaN where a reward does not apply to a prompt),
+    ``scale`` ``{reward: (mu, sigma)}`` (:func:`reference_stats`; only the rewards in ``scale`` count). One resample
+    draws seeds and prompts once for every reward (the rewards are scores of the same images), so the interval keeps
+    their correlation. A paired Composite difference ``a - b`` is this on ``{k: a_k - b_k}`` with every mu 0.
+
+    Raises:
+      ValueError: a reward of ``scale`` missing from ``scores``, shapes that differ, :func:`bootstrap_ci`'s errors.
+    """
+    missing = [k for k in scale if k not in scores]
+    if missing:
+        raise ValueError(f"{what}: no scores of rewards {missing}")
+    mats = {k: np.atleast_2d(np.asarray(scores[k], np.float64)) for k in scale}
+    shapes = {k: v.shape for k, v in mats.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"{what}: every reward needs the same [seeds, prompts], got {shapes}")
+    for k, v in mats.items():
+        _matrix(v, f"{what}: {k}")  # the NaN pattern of each reward: per prompt, on every seed or on none
+    x = np.stack(list(mats.values()))
+    x = x[:, :, ~np.isnan(x).all((0, 1))]  # prompts where no reward applies
+    offsets, scales = (np.asarray([scale[k][i] for k in mats], np.float64) for i in (0, 1))
+    kw = dict(confidence_level=confidence_level, n_resamples=n_resamples, method=method, seed=seed, what=what)
+    return _bootstrap(x, offsets, scales, **kw)
 
 
 def paired_difference_ci(a, b, **kwargs) -> Interval:
@@ -265,12 +327,16 @@ def composite_z(
             list(reference_rows),
             sorted(set(stats) - set(scaled)),
         )
-    out = {}
-    for row, cells in means.items():
-        z = []
-        for reward, (mu, sigma) in scaled.items():
-            values = _values(cells.get(reward, math.nan))
-            if not np.isnan(values).all():
-                z.append((float(np.nanmean(values)) - mu) / sigma)
-        out[row] = float(np.mean(z)) if z else math.nan
-    return out
+    return {row: composite_of(cells, scaled) for row, cells in means.items()}
+
+
+def composite_of(cells: Mapping[str, float | Sequence[float]], scale: Mapping[str, tuple[float, float]]) -> float:
+    """One row's Composite on ``scale`` ``{reward: (mu, sigma)}``: the mean over the rewards of ``scale`` of ``(x_k -
+    mu_k) / sigma_k``, ``x_k`` the mean of the row's cell (one value or one per seed), rewards missing or NaN left
+    out (NaN when none is left)."""
+    z = []
+    for reward, (mu, sigma) in scale.items():
+        values = _values(cells.get(reward, math.nan))
+        if not np.isnan(values).all():
+            z.append((float(np.nanmean(values)) - mu) / sigma)
+    return float(np.mean(z)) if z else math.nan

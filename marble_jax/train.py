@@ -525,6 +525,15 @@ def _score(name: str, fn: Callable, images: np.ndarray, prompts: Sequence[Prompt
     return row, (f"{name} is not finite on {int(bad.sum())} of {len(row)} samples where it applies" if bad.any() else None)
 
 
+def enable_compilation_cache(path: str) -> None:
+    """Keeps the compiled programs in directory ``path`` (JAX's persistent compilation cache, programs that took over
+    a second to compile): a later process running the same program, a resume after preemption or the next run of a
+    study, loads it instead of compiling. Takes effect when called before the process's first compilation (as
+    ``marble_jax.main`` does with ``config.compilation_cache_dir``); ``""`` does nothing."""
+    if path:
+        jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
+
+
 def run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     """The ``(data, fsdp)`` mesh of ``config.mesh`` over all devices (or the first ``num_devices``); sizes left unset
     follow the placement rule of :func:`sharding.default_mesh_shape` (LoRA: data-parallel; full fine-tuning: FSDP

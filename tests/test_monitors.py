@@ -193,6 +193,13 @@ def test_brightness_hack_trips_the_eval_only_warning_across_a_resume(tmp_path, c
     assert len(per_image["prompts"]) == 32 and len(per_image["scores"]["world_aesthetic"]) == 32
     assert np.nanmean(per_image["scores"]["world_aesthetic"]) == pytest.approx(last, rel=1e-6)
     assert np.mean(statistics.per_prompt_scores(tmp_path)["world_aesthetic"]) == pytest.approx(last, rel=1e-6)
+    # the shift the reports read back from the score files: below -margin where the warning tripped
+    std0 = np.std(json.loads(monitors.scores_path(tmp_path, 0).read_text())["scores"]["world_aesthetic"])
+    shift = monitors.eval_only_shift(tmp_path, 12, "world_aesthetic")
+    assert shift == pytest.approx((last - base) / std0, rel=1e-5) and shift < -config.monitors.eval_only_margin
+    assert np.isnan(monitors.eval_only_shift(tmp_path, 12, "no_such_reward"))
+    with pytest.raises(FileNotFoundError, match="step 5"):
+        monitors.eval_only_shift(tmp_path, 5, "world_aesthetic")
 
 
 def test_normal_tiny_run_does_not_warn(tmp_path, caplog, monkeypatch):

@@ -132,6 +132,46 @@ def test_composite_z_over_seeds_and_degenerate_rewards(caplog):
         statistics.composite_z(means, rewards=("pick", "aes"))
 
 
+def two_rewards(rng, seeds: int, prompts: int) -> dict[str, np.ndarray]:
+    """``{reward: [S, P]}`` of one method: ``pick`` on every prompt, ``ocr`` (a tenth of pick's scale, its own
+    seed luck partly shared with pick's) only on every third prompt (NaN elsewhere, as a reward that does not apply)."""
+    shared = rng.normal(0, 0.3, (seeds, 1))
+    pick = crossed(rng, seeds, prompts) + shared
+    ocr = 0.1 * (crossed(rng, seeds, prompts) + shared)
+    ocr[:, np.arange(prompts) % 3 != 0] = np.nan
+    return {"pick": pick, "ocr": ocr}
+
+
+SCALE = {"pick": (1.5, 0.5), "ocr": (0.1, 0.05)}
+TRUE_COMPOSITE = ((TRUE_MEAN - 1.5) / 0.5 + (0.1 * TRUE_MEAN - 0.1) / 0.05) / 2
+
+
+def test_composite_interval_matches_composite_z_and_covers_at_the_nominal_rate():
+    rng = np.random.default_rng(5)
+    scores = two_rewards(rng, 4, 30)
+    ci = statistics.composite_ci(scores, SCALE, n_resamples=999)
+    # its mean is composite_z's value of the row, on the same scale (a seed's held-out mean: its prompts' mean)
+    means = {"base": {"pick": 1.0, "ocr": 0.05}, "weighted_sum": {"pick": 2.0, "ocr": 0.15}}  # mu, sigma = SCALE
+    means["m"] = {k: np.nanmean(v, axis=1).tolist() for k, v in scores.items()}
+    assert {k: pytest.approx(v) for k, v in statistics.reference_stats(means).items()} == SCALE
+    assert ci.mean == pytest.approx(statistics.composite_z(means)["m"])
+    assert ci.low < ci.mean < ci.high and ci.shape == (4, 30)
+    # one reward at offset 0 and scale 1 is bootstrap_ci itself (the same resamples)
+    one = statistics.composite_ci({"pick": scores["pick"]}, {"pick": (0.0, 1.0)}, n_resamples=999)
+    assert one == statistics.bootstrap_ci(scores["pick"], n_resamples=999)
+    with pytest.raises(ValueError, match=r"no scores of rewards \['aes'\]"):
+        statistics.composite_ci(scores, {**SCALE, "aes": (0.0, 1.0)})
+    with pytest.raises(ValueError, match="same"):
+        statistics.composite_ci({"pick": scores["pick"], "ocr": scores["ocr"][:3]}, SCALE)
+    # coverage of the true Composite: the band of test_interval_covers_the_true_mean_at_the_nominal_rate
+    n, hits = 200, 0
+    low, high = binomial_band(0.95, n, method_slack=0.02)
+    for rep in range(n):
+        c = statistics.composite_ci(two_rewards(rng, 5, 40), SCALE, n_resamples=999, seed=rep)
+        hits += c.low <= TRUE_COMPOSITE <= c.high
+    assert low <= hits / n <= high, f"coverage {hits / n:.3f} outside [{low:.3f}, {high:.3f}]"
+
+
 def test_per_prompt_scores_of_a_run(tmp_path):
     (tmp_path / "samples").mkdir()
     (tmp_path / "eval.jsonl").write_text('{"step": 0, "r": 1.0}\n{"step": 5, "r": 2.0}\n')

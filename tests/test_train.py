@@ -223,20 +223,22 @@ def test_sigterm_saves_and_kill9_resumes(reference, tmp_path):
     config, setup, ref, _ = reference
     world = Path(config.model.world_dir)
     # SIGTERM after the first step: the trainer saves and exits cleanly.
-    proc = _main(tmp_path, world)
+    cache = f"--config.compilation_cache_dir={tmp_path / 'xla'}"  # kept across the three processes
+    proc = _main(tmp_path, world, cache)
     _wait_for(proc, "1/4")
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
     assert "stopped at step" in out
+    assert any((tmp_path / "xla").iterdir())  # the programs of the first step, for the resumes to load
     steps = Checkpointer(tmp_path / "checkpoints").steps()
     assert steps and max(steps) < 4
     # kill -9 after the next step, then run to the end.
-    proc = _main(tmp_path, world)
+    proc = _main(tmp_path, world, cache)
     _wait_for(proc, f"{max(steps) + 1}/4")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    proc = _main(tmp_path, world)
+    proc = _main(tmp_path, world, cache)
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
     assert "resumed from" in out
