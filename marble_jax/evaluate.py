@@ -76,21 +76,22 @@ def evaluate_runs(
     mesh = train.run_mesh(config)
     placed_setups: dict[int, tuple[Evaluator, PyTree, PyTree]] = {}
 
-    def placed(s: Setup) -> tuple[Evaluator, PyTree, PyTree]:
-        """The evaluator of ``s`` and its base and decoder parameters on the mesh, placed once per setup."""
+    def placed(s: Setup, c: ml_collections.ConfigDict) -> tuple[Evaluator, PyTree, PyTree]:
+        """The evaluator of ``s`` and its base (held as the trainer holds it under config ``c``:
+        :func:`marble_jax.train.place_frozen`) and decoder parameters on the mesh, placed once per setup."""
         if id(s) not in placed_setups:
-            base = jax.device_put(s.base_params, sharding.param_shardings(s.base_params, mesh))
+            base = train.place_frozen(s, c, mesh)
             decode = jax.device_put(s.decode_params, sharding.replicated(mesh))
             placed_setups[id(s)] = (Evaluator(s, config, mesh), base, decode)
         return placed_setups[id(s)]
 
-    evaluator, base, decode_params = placed(setup)
+    evaluator, base, decode_params = placed(setup, config)
     rows = {"base": evaluator.scores(evaluator.images(None, base, decode_params))}
     for workdir in workdirs:
         workdir = Path(workdir)
         own_setup, own_config = run_setup(setup, config, workdir)
         got_step, state = train.restore_run(own_setup, own_config, workdir, step)
-        evaluator, base, decode_params = placed(own_setup)
+        evaluator, base, decode_params = placed(own_setup, own_config)
         rows[workdir.name] = evaluator.scores(evaluator.images(state.ema_params, base, decode_params))
         logging.info("%s (step %d): %s", workdir.name, got_step, rows[workdir.name])
     return rows

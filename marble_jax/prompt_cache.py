@@ -36,6 +36,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from marble_jax import run_log
+
 FORMAT = "marble_jax.prompt_embeddings"
 VERSION = 1
 INDEX = "index.json"
@@ -69,17 +71,8 @@ def shard_name(number: int) -> str:
     return f"shard_{number:05d}"
 
 
-def _replace_atomically(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, value: Any) -> None:
-    _replace_atomically(path, lambda f: json.dump(value, f, ensure_ascii=False), "w")
+    run_log.replace_atomically(path, lambda f: json.dump(value, f, ensure_ascii=False), "w")
 
 
 def _read_json(path: Path) -> Any:
@@ -124,7 +117,7 @@ def write_shard(
     name = shard_name(number)
     for part, array in (("context", context), ("pooled", pooled)):
         stored = array.view(stored_dtype(array.dtype))
-        _replace_atomically(directory / f"{name}.{part}.npy", lambda f, a=stored: np.save(f, a), "wb")
+        run_log.replace_atomically(directory / f"{name}.{part}.npy", lambda f, a=stored: np.save(f, a), "wb")
     meta = {
         "prompts": list(prompts),
         "settings": dict(settings),

@@ -14,7 +14,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 LOG_FILES = ("metrics.jsonl", "eval.jsonl")
 RUN_FILES = ("config.json", *LOG_FILES)
@@ -34,13 +36,22 @@ def logged_steps(path: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
 
 
+def replace_atomically(path: Path, write: Callable[[IO], None], mode: str = "w") -> None:
+    """Writes ``path`` whole or not at all: ``write(f)`` into ``<path>.tmp`` (opened with ``mode``), flushed to disk,
+    then renamed over ``path``; an interruption leaves the old file (or none)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _drop_rows_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    replace_atomically(path, lambda f: f.write("".join(line + "\n" for line in kept)))
 
 
 def _purge_events_after(workdir: Path, step: int) -> None:

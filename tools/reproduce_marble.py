@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marble_jax import defaults, experiment, monitors, statistics, train
+from marble_jax import defaults, experiment, monitors, run_log, statistics, train
 
 REWARDS = defaults.FIVE_REWARDS["world"]
 COLUMNS = (*REWARDS, *defaults.EVAL_ONLY_REWARDS["world"])  # held-out: the trained five, then the evaluation-only
@@ -115,7 +115,7 @@ def train_unless_finished(config, workdir: Path, name: str) -> bool:
         cost["cpu_s"] += time.process_time() - cpu
         cost["sessions"] += 1
         workdir.mkdir(parents=True, exist_ok=True)
-        cost_path.write_text(json.dumps(cost) + "\n")
+        run_log.replace_atomically(cost_path, lambda f: f.write(json.dumps(cost) + "\n"))
     logging.info("%s took %.0f s", name, time.time() - wall)
     return finished(workdir, config.total_epochs)
 
