@@ -619,6 +619,11 @@ def make_init_state(setup: Setup, config: ml_collections.ConfigDict, tx: optax.G
     return init
 
 
+def fresh_state(setup: Setup, config: ml_collections.ConfigDict, tx: optax.GradientTransformation, shardings=None) -> TrainState:
+    """A new run's state: :func:`make_init_state` of the master weights, jitted (placed by ``shardings`` if given)."""
+    return jax.jit(make_init_state(setup, config, tx), out_shardings=shardings)(setup.base_params)
+
+
 def state_layout(
     setup: Setup, config: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
 ) -> tuple[TrainState, TrainState]:
@@ -683,7 +688,7 @@ def run(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path, ov
     if restored is None and ckpt.steps():
         raise RuntimeError(f"{ckpt.directory} has checkpoints {ckpt.steps()} but none is readable (see the warnings above)")
     if restored is None:  # from the master weights (full fine-tuning copies them), before the frozen cast
-        state = jax.jit(make_init_state(setup, config, tx), out_shardings=state_sh)(setup.base_params)
+        state = fresh_state(setup, config, tx, state_sh)
         log.info("starting a new run in %s", workdir)
     else:
         step, state, saved_meta = restored

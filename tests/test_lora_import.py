@@ -205,7 +205,7 @@ def test_init_from(world, tmp_path):
     config.lora.init_from = str(tmp_path / "adapter")
     setup = experiment.build_setup(config)
     jax.tree.map(np.testing.assert_array_equal, setup.init_trainable(setup.base_params, jax.random.key(0)), params)
-    state = jax.jit(train.make_init_state(setup, config, train.make_optimizer(config)))(setup.base_params)
+    state = train.fresh_state(setup, config, train.make_optimizer(config))
     jax.tree.map(np.testing.assert_array_equal, (state.params, state.ema_params), (params, params))
 
     for key, value in (("rank", 8), ("alpha", 4.0), ("targets", r"transformer_blocks\.\d+\.attn\.(to_q|to_k)")):

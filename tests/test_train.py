@@ -161,7 +161,7 @@ def test_nonfinite_direction_skips_the_update(reference, tmp_path, caplog):
         return v * jnp.nan if trainable is not None else v  # the reference model stays finite
 
     broken = dataclasses.replace(setup, velocity_fn=nan_velocity)
-    init = jax.jit(train.make_init_state(setup, config, train.make_optimizer(config)))(setup.base_params)
+    init = train.fresh_state(setup, config, train.make_optimizer(config))
     with caplog.at_level(logging.WARNING):
         state = train.run(broken, config, tmp_path)
     skipped = [r for r in caplog.records if "not finite" in r.getMessage()]
@@ -185,7 +185,7 @@ def test_reward_fault_skips_the_update(reference, tmp_path, caplog):
 
     broken.applies = good.applies
     faulty = dataclasses.replace(setup, rewards={**setup.rewards, "world_aesthetic": broken})
-    init = jax.jit(train.make_init_state(setup, config, train.make_optimizer(config)))(setup.base_params)
+    init = train.fresh_state(setup, config, train.make_optimizer(config))
     with caplog.at_level(logging.WARNING):
         state = train.run(faulty, config, tmp_path)
     faults = [r.getMessage() for r in caplog.records if "reward fault" in r.getMessage()]

@@ -147,7 +147,7 @@ def world_train(repeats: int, kl_beta: float) -> None:
     context, pooled = setup.encode([p.text for p in prompts])
     rollout = jax.jit(train.make_rollout(setup, config))
     tx = train.make_optimizer(config)
-    state = jax.jit(train.make_init_state(setup, config, tx))(setup.base_params)
+    state = train.fresh_state(setup, config, tx)
     args = (setup.base_params, state.old_params, {}, jnp.asarray(context), jnp.asarray(pooled), jax.random.key(0))
     x0, images = jax.block_until_ready(rollout(*args))
     start = time.perf_counter()

@@ -90,7 +90,7 @@ def update_row(setup, config, method: str, solve: bool, reps: int, key) -> dict:
     compiled = traced.lower().compile()
     compile_s = time.perf_counter() - start
     state_sh = jax.tree.map(lambda a: a.sharding, args[0])
-    state = jax.jit(train.make_init_state(setup, config, tx), out_shardings=state_sh)(setup.base_params)
+    state = train.fresh_state(setup, config, tx, state_sh)
     base = train.place_frozen(setup, config, mesh)
     x0, context, pooled, rewards, active, weights = args[2:]
     keys = jax.random.split(key, 4)
