@@ -1,20 +1,31 @@
-"""Re-measures the MARBLE paper's claims on the embedded world, every method on an equal budget.
+"""Re-measures the MARBLE paper's claims on the embedded world over seeds, every method on an equal budget.
 
-    python tools/reproduce_marble.py                          # all methods, writes docs/reproduction.{md,json} + PNG
-    python tools/reproduce_marble.py --epochs 60 --methods weighted_sum marble_amortized
+    python tools/reproduce_marble.py                      # every run missing, then docs/reproduction.{md,json} + PNGs
+    python tools/reproduce_marble.py --train-only --budget-minutes 120     # one session's share of the study
+    python tools/reproduce_marble.py --report-only        # the report of the runs finished so far
+    python tools/reproduce_marble.py --seeds 3 --headline-seeds 5 --methods weighted_sum marble_amortized
 
 Every run is ``configs/k5.py`` at the world scale (five rewards, 8 prompts x 8 images per epoch, DPM-Solver-2
-with 10 steps, LoRA r 16, AdamW 1e-3) for ``--epochs`` optimizer steps, differing only in the method:
+with 10 steps, LoRA r 16, AdamW 1e-3) for ``--epochs`` optimizer steps, differing only in the method and the seed:
 ``single_<reward>`` (one per reward), ``weighted_sum``, ``sequential`` (stages of epochs / 10, two cycles),
-``marble`` (a full solve every step), ``marble_amortized`` (N = 10, rho = 0.7) and ``marble_rho_<rho>`` (the EMA
-ablation, amortised). ``base`` is the model before training. All runs are scored on the same held-out prompts
-with the same noise (``config.eval``, EMA parameters). Runs live in ``--runs``; a finished run is not redone
-and an interrupted one resumes, so the command can be re-run after a stop.
+``marble`` (a full solve every step), ``marble_amortized`` (N = 10, rho = 0.7), ``marble_gram`` (the exact
+per-sample solve every step, rho = 0.7), the EMA ablation ``marble_rho_<rho>`` (amortised) and
+``marble_gram_rho_<rho>`` for rho in 0.1 / 0.3 / 0.5 / 0.9, and ``marble_gram_no_ema``. ``base`` is the model before
+training (the step-0 evaluation of the runs). Run ``s`` of every method uses ``config.seed = s``: the same
+held-out prompts and evaluation noise (``config.eval``, EMA parameters, 4 images per prompt), so rows pair seed by
+seed. The headline rows (:data:`HEADLINE`) run over ``--headline-seeds`` seeds, the others over ``--seeds``, in
+the order of :func:`schedule` (a study stopped anywhere has comparable rows). Runs live in
+``--runs/<method>/seed_<s>``; a finished run is not redone, an interrupted one resumes (SIGTERM saves and stops
+the study; the same command goes on), compiled programs are kept in ``--runs/xla_cache``, and each run's CPU time
+is added to its ``cost.json``.
 
-Measured per run: held-out means of the five rewards, the fraction of mini-batches whose applied direction is
-anti-aligned with at least one reward's gradient (weighted sum: measured every second step with K + 1 extra
-backward passes; MARBLE: at every full solve; not measured for the single-reward and sequential runs), and
-iterations per second (wall clock of a training step, the first two steps and the diagnostic steps left out).
+Measured per run: held-out per-prompt scores of the five rewards and the evaluation-only aesthetic, the fraction
+of mini-batches whose applied direction is anti-aligned with at least one reward's gradient (weighted sum:
+measured every second step with K + 1 extra backward passes; MARBLE: at every full solve; not measured for the
+single-reward and sequential runs), iterations per second (wall clock of a training step, the first two steps and
+the diagnostic steps left out) and the reward-hacking monitors. The report: means with 95% two-level bootstrap
+intervals over seeds and prompts (:mod:`marble_jax.statistics`), paired differences against the weighted sum and
+the base, a verdict per claim (:func:`verdicts`), per-seed rows and plots.
 """
 
 from __future__ import annotations
