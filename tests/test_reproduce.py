@@ -111,9 +111,11 @@ def test_report_of_seeded_runs(tool, tmp_path):
 
 
 def test_verdict_rule(tool):
-    assert tool.verdict({"mean": 0.2, "low": 0.1, "high": 0.3}) == "reproduced"
-    assert tool.verdict({"mean": -0.2, "low": -0.3, "high": -0.1}) == "not reproduced"
-    assert tool.verdict({"mean": 0.2, "low": -0.1, "high": 0.3}) == "inconclusive"
+    assert tool.verdict({"mean": 0.2, "low": 0.1, "high": 0.3}, 3) == "reproduced"
+    assert tool.verdict({"mean": 0.2, "low": 0.1, "high": 0.3}, 1) == "inconclusive (one seed)"
+    assert tool.verdict({"mean": -0.2, "low": -0.3, "high": -0.1}, 2) == "not reproduced"
+    assert tool.verdict({"mean": 0.2, "low": -0.1, "high": 0.3}, 2) == "inconclusive"
     assert tool._all(["reproduced", "inconclusive"]) == "inconclusive"
     assert tool._all(["reproduced", "not reproduced"]) == "not reproduced"
     assert tool._all(["reproduced"] * 3) == "reproduced"
+    assert tool._all(["reproduced", "inconclusive (one seed)"]) == "inconclusive (one seed)"

@@ -275,11 +275,14 @@ def analyse(rows: dict[str, dict[int, dict]], n_resamples: int) -> dict:
     return {"reference_scale": scale, "rows": out, "pairs": pairs}
 
 
-def verdict(interval: dict | None) -> str:
+def verdict(interval: dict | None, seeds: int) -> str:
     """``reproduced`` when the interval of a claimed positive effect lies above zero, ``not reproduced`` when it lies
-    below, ``inconclusive`` when it holds zero."""
+    below, ``inconclusive`` when it holds zero or rests on fewer than two seeds (one seed's interval covers its
+    prompts only, not the training's seed-to-seed variation)."""
     if interval is None:
         return "not measured"
+    if seeds < 2:
+        return "inconclusive (one seed)"
     return "reproduced" if interval["low"] > 0 else "not reproduced" if interval["high"] < 0 else "inconclusive"
 
 
@@ -287,7 +290,9 @@ def _all(verdicts: list[str]) -> str:
     """A claim made of several effects: reproduced when every one is, not reproduced when any one is not."""
     if verdicts and all(v == "reproduced" for v in verdicts):
         return "reproduced"
-    return "not reproduced" if "not reproduced" in verdicts else "inconclusive"
+    if "not reproduced" in verdicts:
+        return "not reproduced"
+    return next((v for v in verdicts if v.startswith("inconclusive (")), "inconclusive")
 
 
 def fmt_ci(iv: dict | None, digits: int = 3) -> str:
@@ -311,28 +316,37 @@ def verdicts(analysis: dict, n_resamples: int) -> list[str]:
             f"1. **The weighted sum's direction is often anti-aligned with a reward, MARBLE's never** (paper 0.80 "
             f"against 0). Fraction of measured steps: weighted sum {fmt_ci(ws['anti_aligned_fraction'], 2)}, MARBLE "
             f"{fmt_ci(marble['anti_aligned_fraction'], 2)}; difference {fmt_ci(iv, 2)} over {len(diff)} seeds: "
-            f"**{verdict(iv)}**."
+            f"**{verdict(iv, len(diff))}**."
         )
     for row in ("marble_amortized", "marble", "marble_gram"):
         gain, vs = pairs.get(f"{row} - base"), pairs.get(f"{row} - weighted_sum")
         if not gain:
             continue
-        each = {r: verdict(gain[r]) for r in REWARDS}
+        n = len(gain["seeds"])
+        each = [verdict(gain[r], n) for r in REWARDS]
+        above = sum(gain[r]["low"] > 0 for r in REWARDS)
         text = ", ".join(f"{_short(r)} {fmt_ci(gain[r])}" for r in REWARDS)
-        lines.append(
-            f"2. **{row} lifts all five trained rewards above the base**: {sum(v == 'reproduced' for v in each.values())}"
-            f" of 5 gains above zero ({text}; {len(gain['seeds'])} seeds): **{_all(list(each.values()))}**."
-            + (f" **It beats the weighted sum**: Composite difference {fmt_ci(vs['Composite'], 2)} "
-               f"({len(vs['seeds'])} paired seeds): **{verdict(vs['Composite'])}**." if vs and "Composite" in vs else "")
-        )  # fmt: skip
+        line = (
+            f"2. **{row} lifts all five trained rewards above the base**: {above} of 5 gains above zero ({text}; "
+            f"{n} seeds): **{_all(each)}**."
+        )
+        if vs and "Composite" in vs:
+            line += (
+                f" **It beats the weighted sum**: Composite difference {fmt_ci(vs['Composite'], 2)} ({len(vs['seeds'])} "
+                f"paired seeds): **{verdict(vs['Composite'], len(vs['seeds']))}**."
+            )
+        lines.append(line)
     for row in ("marble", "marble_amortized"):
         iv, paper = rows.get(row, {}).get("throughput_vs_weighted_sum"), PAPER["throughput"][row]
         if iv:
             held = iv["low"] <= paper <= iv["high"] or (row == "marble_amortized" and iv["low"] > paper)
+            seeds = len(rows[row]["seeds"])
+            found = "inconclusive (one seed)" if seeds < 2 else "reproduced" if held else "not reproduced"
             lines.append(
                 f"3. **Throughput of {row} against the weighted sum** (paper {paper:.2f}x): {fmt_ci(iv, 2)}x over "
-                f"{len(rows[row]['seeds'])} seeds: **{'reproduced' if held else 'not reproduced'}** (the interval holds "
-                "the paper's ratio" + (", or lies above it)." if row == "marble_amortized" else ").")
+                f"{seeds} seeds: **{found}** (rule: reproduced when the interval holds the paper's ratio"
+                + (", or lies above it" if row == "marble_amortized" else "")
+                + "; wall clock of the training steps on a shared 2-core CPU)."
             )
     for family, best, name in (
         ("amortised", "marble_amortized", "marble_rho_{}"),
@@ -344,7 +358,7 @@ def verdicts(analysis: dict, n_resamples: int) -> list[str]:
             seeds = sorted({len(d["seeds"]) for d in diffs.values()})
             lines.append(
                 f"4. **rho = 0.7 is best** ({family}). Composite of rho 0.7 minus that of rho {text} ({'/'.join(map(str, seeds))}"
-                f" paired seeds): **{_all([verdict(d.get('Composite')) for d in diffs.values()])}**."
+                f" paired seeds): **{_all([verdict(d.get('Composite'), len(d['seeds'])) for d in diffs.values()])}**."
             )  # fmt: skip
     for reward in REWARDS:
         gain, vs = pairs.get(f"single_{reward} - base"), pairs.get(f"single_{reward} - marble_amortized")
