@@ -22,7 +22,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["marble_jax", "marble_jax.*"]),
-    package_data={"marble_jax": ["**/*.json", "**/*.msgpack", "**/*.txt", "**/*.safetensors"]},
+    package_data={"marble_jax": ["**/*.json", "**/*.msgpack", "**/*.txt", "**/*.safetensors", "csrc/*.cc"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",

@@ -1,6 +1,7 @@
 """Our jitted ``mgda_weights`` update against torchjd's MGDA on the same [K, D] Jacobian.
 
     python tools/bench_mgda.py [--ks 5,16] [--ds 1e6,1e7] [--repeats 10] [--tree | --no-flat --tree] [--leaves 200]
+                               [--no-native]
 
 Both aggregate K gradients of D parameters into one vector: the Gram matrix, the min-norm
 weights, the weighted sum. Printed: time of each, their ratio, the memory-bandwidth floor (the
@@ -19,11 +20,16 @@ times too lenient at D = 1e7.
 ``--tree``: a second table on a LoRA-like pytree of ``--leaves`` leaves of four shapes (rank 16 times
 h and 4h, both orientations) totalling about D: ours takes the tree, torchjd the same gradients
 concatenated into one [K, D] matrix (the concatenation not timed; torchjd's MGDA takes a matrix).
+
+Ours runs ``mgda.gram_matrix``'s native CPU kernel when ``marble_jax.gram_kernel.available()`` (printed first);
+``--no-native``: also ours with that kernel disabled (XLA's Gram matrix), in two more columns of the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +39,7 @@ import torch
 from bench_balance import interleaved_best  # tools/ is this script's directory
 from torchjd.aggregation import MGDA
 
-from marble_jax import mgda
+from marble_jax import gram_kernel, mgda
 
 
 def inplace_copy(nbytes: int):
@@ -94,8 +100,16 @@ def as_tree(jac: np.ndarray, shapes: list[tuple[int, int]]) -> dict:
     return out
 
 
-def bench_case(k: int, d: int, repeats: int, rate: float, leaves: int | None = None) -> str:
-    """One table row: torchjd and ours on the same conflicting [K, D] Jacobian (ours on a pytree of it if leaves)."""
+def compiled_update(tx, grads, state, native: bool):
+    """``tx.update``'s update, compiled as the environment says or (``native=False``) with gram_matrix's native
+    kernel disabled (its env var is read at trace)."""
+    with mock.patch.dict(os.environ, {} if native else {gram_kernel.DISABLE_ENV: "0"}):
+        return jax.jit(lambda g, s: tx.update(g, s)[0]).lower(grads, state).compile()
+
+
+def bench_case(k: int, d: int, repeats: int, rate: float, leaves: int | None = None, xla_too: bool = False) -> str:
+    """One table row: torchjd and ours on the same conflicting [K, D] Jacobian (ours on a pytree of it if leaves);
+    ``xla_too``: also ours with XLA's Gram matrix."""
     if leaves is not None:
         shapes = lora_shapes(d, leaves)
         d = sum(a * b for a, b in shapes)
@@ -106,17 +120,17 @@ def bench_case(k: int, d: int, repeats: int, rate: float, leaves: int | None = N
     agg = MGDA()
     tx = mgda.mgda_weights(k, ema_decay=0.0, normalize=False, rescale=False)  # plain MGDA, as torchjd
     state = tx.init(None)
-    update = jax.jit(lambda g, s: tx.update(g, s)[0])
     ours_in = jnp.asarray(jac) if leaves is None else as_tree(jac, shapes)
-    best = interleaved_best(
-        {
-            "ours": lambda: jax.block_until_ready(update(ours_in, state)),
-            "torchjd": lambda: agg(jt),
-            "copy": inplace_copy(jac.nbytes),
-        },
-        repeats,
-        warm_up=True,
-    )
+    update = compiled_update(tx, ours_in, state, native=True)
+    runs = {
+        "ours": lambda: jax.block_until_ready(update(ours_in, state)),
+        "torchjd": lambda: agg(jt),
+        "copy": inplace_copy(jac.nbytes),
+    }
+    if xla_too:
+        update_xla = compiled_update(tx, ours_in, state, native=False)
+        runs["xla"] = lambda: jax.block_until_ready(update_xla(ours_in, state))
+    best = interleaved_best(runs, repeats, warm_up=True)
     out_t = agg(jt).double().numpy()
     out_o = update(ours_in, state)
     if leaves is not None:
@@ -126,11 +140,12 @@ def bench_case(k: int, d: int, repeats: int, rate: float, leaves: int | None = N
     # 2 nbytes), or the Gram matrix's 2 K^2 D FLOPs at the measured GEMM rate, whichever is slower.
     floor = max(best["copy"], 2 * k * k * d / rate)
     t_ours, t_torchjd = best["ours"], best["torchjd"]
-    return (
+    row = (
         f"{k:>3}{d:>10.0e}{1e3 * t_torchjd:>12.2f}{1e3 * t_ours:>9.2f}{t_torchjd / t_ours:>9.2f}x"
         f"{1e3 * floor:>10.2f}{t_ours / floor:>10.2f}x"
         f"{(out_t @ out_t - f_star) / scale:>13.1e}{(out_o @ out_o - f_star) / scale:>10.1e}"
     )
+    return row + (f"{1e3 * best['xla']:>9.2f}{best['xla'] / floor:>10.2f}x" if xla_too else "")
 
 
 def main():
@@ -141,10 +156,14 @@ def main():
     parser.add_argument("--tree", action="store_true", help="also bench a LoRA-like pytree of --leaves leaves")
     parser.add_argument("--no-flat", action="store_true", help="skip the flat [K, D] table")
     parser.add_argument("--leaves", type=int, default=200)
+    parser.add_argument("--no-native", action="store_true", help="also time ours without the native Gram kernel (XLA's)")
     args = parser.parse_args()
+    print(f"native Gram kernel: {'on' if gram_kernel.available() else 'off'}")
     rate = gemm_rate(args.repeats)
     header = ("K", "D", "torchjd ms", "ours ms", "speed-up", "floor ms", "ours/floor", "torchjd exc", "ours exc")
     widths = (3, 10, 12, 9, 10, 10, 11, 13, 10)
+    if args.no_native:
+        header, widths = header + ("xla ms", "xla/floor"), widths + (9, 11)
     cases = [(k, d) for k in (int(x) for x in args.ks.split(",")) for d in (int(float(x)) for x in args.ds.split(","))]
     tables = ([] if args.no_flat else [None]) + ([args.leaves] if args.tree else [])
     for leaves in tables:
@@ -152,7 +171,7 @@ def main():
         print(title)
         print("".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
         for k, d in cases:
-            print(bench_case(k, d, args.repeats, rate, leaves), flush=True)
+            print(bench_case(k, d, args.repeats, rate, leaves, xla_too=args.no_native), flush=True)
 
 
 if __name__ == "__main__":

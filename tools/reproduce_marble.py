@@ -429,7 +429,7 @@ def plot_composite(analysis: dict, path: Path) -> None:
                                       ("marble_gram", "marble_gram", "marble_gram_rho_{}", "s--")):  # fmt: skip
         points = sorted((rho, analysis["rows"][n]["Composite"]) for rho, n in
                         [(0.7, best), *((r, name.format(r)) for r in RHOS)] if n in rows)  # fmt: skip
-        if points:
+        if len(points) > 1:  # rho 0.7 and at least one other
             x = [p[0] for p in points]
             m = np.asarray([[p[1]["mean"], p[1]["mean"] - p[1]["low"], p[1]["high"] - p[1]["mean"]] for p in points])
             right.errorbar(x, m[:, 0], yerr=m[:, 1:].T, fmt=marker, capsize=3, label=label)
