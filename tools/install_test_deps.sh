@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything the tests need on a fresh Debian / Ubuntu machine, then nothing else:
-# - Tesseract, the OCR reward's offline engine (Debian package; skipped when already on PATH);
+# - Tesseract, the OCR reward's offline engine, and g++, which builds the native CPU Gram kernel
+#   (marble_jax/gram_kernel.py; without it the kernel's tests skip and XLA's path runs) (Debian packages; each
+#   skipped when already on PATH);
 # - the package with its `test` extra (pins the CPU build of torch), every package at the exact version of
 #   tools/constraints.txt (the versions the suite was last green with; setup.py keeps only floors);
 # - open_clip's model code, the HPSv2 parity oracle, without its dependencies (they pull torchvision
@@ -11,9 +13,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PINS=(-c tools/constraints.txt)
 [ "${1:-}" = "--refresh-pins" ] && PINS=()
-if ! command -v tesseract > /dev/null; then
+MISSING=()
+command -v tesseract > /dev/null || MISSING+=(tesseract-ocr)
+command -v "${CXX:-g++}" > /dev/null || MISSING+=(g++)
+if [ ${#MISSING[@]} -gt 0 ]; then
   SUDO=$([ "$(id -u)" -eq 0 ] && echo "" || echo sudo)
-  $SUDO apt-get install -y -q tesseract-ocr > /dev/null || { $SUDO apt-get update -q > /dev/null && $SUDO apt-get install -y -q tesseract-ocr > /dev/null; }
+  $SUDO apt-get install -y -q "${MISSING[@]}" > /dev/null || { $SUDO apt-get update -q > /dev/null && $SUDO apt-get install -y -q "${MISSING[@]}" > /dev/null; }
 fi
 python3 -m pip install -q "${PINS[@]}" -e ".[test]"
 python3 -m pip install -q "${PINS[@]}" --no-deps "open_clip_torch==3.3.0"
