@@ -73,3 +73,19 @@ def test_fronts_over_seeds_and_report(tool, tmp_path):
     assert any(ln.startswith("| 0.8 | -0.0") and ln.endswith("| a trade |") for ln in lines)
     assert json.loads((tmp_path / "pareto.json").read_text())["rows"]["base"]["seeds"] == [0, 1, 2]
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
+
+
+def test_a_seeds_front_is_archived_and_reused(tool, tmp_path):
+    args = tool.argparse.Namespace(epochs=30, weights=[0.0, 0.5, 1.0], etas=[0.8, 1.0], num_prompts=PROMPTS,
+                                   images_per_prompt=IMAGES, num_steps=20, batch=8, archive=tmp_path / "archive")  # fmt: skip
+    front = {**fake_front(0, {0.0: (0.0, 0.0), 0.5: (0.0, 0.0), 1.0: (0.0, 0.0)}), "settings": tool.settings(args)}
+    (tmp_path / "runs" / "seed_0").mkdir(parents=True)
+    (tmp_path / "runs" / "seed_0" / "front.json").write_text(json.dumps(front))
+    doc = tool.front_of_seed(tmp_path / "runs", 0, args)  # from the run directory, then archived: nothing trained
+    archived = json.loads((tmp_path / "archive" / "seed_0.json").read_text())
+    assert archived["settings"] == doc["settings"] == tool.settings(args)
+    np.testing.assert_allclose(
+        archived["rows"][2]["scores"]["world_clipscore"], front["rows"][2]["scores"]["world_clipscore"], rtol=1e-6
+    )
+    (tmp_path / "runs" / "seed_0" / "front.json").unlink()
+    assert tool.front_of_seed(tmp_path / "runs", 0, args)["rows"][0]["method"] == "base"  # the archive alone serves

@@ -81,7 +81,12 @@ def test_report_of_seeded_runs(tool, tmp_path):
     for method, seed in plan[:-1]:
         gain, anti, step_s = rows[method]
         fake_run(tool.run_dir(runs, method, seed), tool.COLUMNS, seed, gain, anti, step_s)
-    collected = tool.collect(runs, plan, 10)
+    archive = tmp_path / "archive"
+    for method, seed in plan:
+        if tool.finished(tool.run_dir(runs, method, seed), 10):
+            tool.archive_run(tool.run_dir(runs, method, seed), tool.archive_path(archive, method, seed))
+    assert not tool.archive_path(archive, "marble_gram", 0).exists()
+    collected = tool.collect(archive, plan)
     assert list(collected) == ["base", "weighted_sum", "marble"] and all(list(v) == [0, 1, 2] for v in collected.values())
     run = collected["marble"][1]
     assert run["anti_aligned_fraction"] == 0.0 and run["iterations_per_s"] == pytest.approx(0.5)

@@ -17,7 +17,8 @@ For each seed ``s`` (``0 .. --seeds - 1``; every step resumable, a finished one 
    and once each: ``base`` and ``marble`` (one model, at the mean eta).
    At w = 0 and w = 1 both methods are the single model itself (same noise): their rows must coincide.
    Scores both rewards per image and times the sampler (seconds per image after compilation, batch ``--batch``):
-   ``<runs>/seed_<s>/front.json``.
+   ``<archive>/seed_<s>.json`` (default ``docs/study/pareto``, committed: a later session reuses it while its
+   settings are the same).
 3. Writes ``<out>/pareto.md`` (means with 95% intervals of a two-level bootstrap over seeds and prompts, paired
    MSDDA - Reward Soup differences per w, the verdict, per-seed rows), ``<out>/pareto.json`` and ``<out>/pareto.png``
    (the fronts, aesthetic against CLIPScore, with intervals).
@@ -37,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reproduce_marble import finished, fmt_ci, interval_dict, over_seeds, pyplot, train_unless_finished  # noqa: E402
+from reproduce_marble import fmt_ci, interval_dict, over_seeds, pyplot, train_unless_finished  # noqa: E402
 
-from marble_jax import defaults, msdda, rewards, statistics, train  # noqa: E402
+from marble_jax import defaults, msdda, rewards, run_log, statistics, train  # noqa: E402
 from marble_jax.sample import base_trainable, load_trained, make_fused_sampler, sampling_setup  # noqa: E402
 from marble_jax.scoring import eval_subset  # noqa: E402
 
@@ -132,11 +133,14 @@ def sample_front(workdirs: dict[str, Path], seed: int, args) -> dict:
 
 
 def front_of_seed(runs: Path, seed: int, args) -> dict | None:
-    """The seed's ``front.json`` (trained and sampled unless done, with the same settings); ``None`` when stopped."""
-    path = runs / f"seed_{seed}" / "front.json"
-    if path.is_file():
-        doc = json.loads(path.read_text())
-        if doc["settings"] == settings(args) and all(finished(runs / f"seed_{seed}" / n, args.epochs) for n in RUNS):
+    """The seed's front (module doc, steps 1-2) from ``<archive>/seed_<seed>.json`` when it was made with the same
+    settings (or from ``<runs>/seed_<seed>/front.json``, then archived), else trained and sampled now and archived;
+    ``None`` when a training run stopped early on request."""
+    archived = args.archive / f"seed_{seed}.json"
+    for path in (archived, runs / f"seed_{seed}" / "front.json"):
+        if path.is_file() and (doc := json.loads(path.read_text()))["settings"] == settings(args):
+            if path != archived:
+                write_front(doc, archived)
             return doc
     workdirs = train_runs(runs / f"seed_{seed}", args.epochs, seed)
     if workdirs is None:
@@ -144,8 +148,15 @@ def front_of_seed(runs: Path, seed: int, args) -> dict | None:
     doc = sample_front(workdirs, seed, args)
     doc["train_cpu_s"] = sum(json.loads((w / "cost.json").read_text())["cpu_s"] for w in workdirs.values()
                              if (w / "cost.json").is_file())  # fmt: skip
-    path.write_text(json.dumps(doc) + "\n")
+    write_front(doc, archived)
     return doc
+
+
+def write_front(doc: dict, path: Path) -> None:
+    """A seed's front as JSON (scores to 7 digits): kept in the repository, so a study spans sessions."""
+    rows = [{**r, "scores": {n: [float(f"{x:.7g}") for x in v] for n, v in r["scores"].items()}} for r in doc["rows"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_log.replace_atomically(path, lambda f: f.write(json.dumps({**doc, "rows": rows}) + "\n"))
 
 
 def _key(row: dict) -> str:
@@ -299,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=Path("runs/pareto"))
     parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--archive", type=Path, default=Path("docs/study/pareto"), help="each seed's front")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.2, 0.5, 0.8, 1.0])

@@ -17,7 +17,9 @@ seed. The headline rows (:data:`HEADLINE`) run over ``--headline-seeds`` seeds, 
 the order of :func:`schedule` (a study stopped anywhere has comparable rows). Runs live in
 ``--runs/<method>/seed_<s>``; a finished run is not redone, an interrupted one resumes (SIGTERM saves and stops
 the study; the same command goes on), compiled programs are kept in ``--runs/xla_cache``, and each run's CPU time
-is added to its ``cost.json``.
+is added to its ``cost.json``. A finished run's report data (:func:`summarize`, a few tens of kB) is archived in
+``--archive/<method>/seed_<s>.json`` (default ``docs/study``, committed): the report reads only the archive, and
+an archived run is never trained again, so a study spans sessions whose ``--runs`` directories are gone.
 
 Measured per run: held-out per-prompt scores of the five rewards and the evaluation-only aesthetic, the fraction
 of mini-batches whose applied direction is anti-aligned with at least one reward's gradient (weighted sum:
@@ -179,16 +181,45 @@ def summarize(workdir: Path) -> dict:
     }
 
 
-def collect(runs: Path, plan: list[tuple[str, int]], epochs: int) -> dict[str, dict[int, dict]]:
-    """``{row: {seed: summary}}`` of the finished runs of ``plan``, ``base`` first: its seed ``s`` is the step-0
+def archive_path(archive: Path, method: str, seed: int) -> Path:
+    """Where the report's data of run (``method``, ``seed``) is kept: ``<archive>/<method>/seed_<seed>.json``."""
+    return archive / method / f"seed_{seed}.json"
+
+
+def archive_run(workdir: Path, path: Path) -> None:
+    """:func:`summarize` of a finished run, written to ``path`` (floats to 7 digits, NaN where a reward does not
+    apply): the few tens of kB a report needs, kept in the repository so that a study spans sessions whose run
+    directories (checkpoints, events) are gone."""
+
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, list | tuple | np.ndarray):
+            return [plain(v) for v in x]
+        return float(f"{x:.7g}") if isinstance(x, float | np.floating) else x
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_log.replace_atomically(path, lambda f: f.write(json.dumps(plain(summarize(workdir))) + "\n"))
+
+
+def load_archived(path: Path) -> dict:
+    """A run archived by :func:`archive_run`, its per-prompt scores as float64 arrays."""
+    run = json.loads(path.read_text())
+    for key in ("per_prompt", "base_per_prompt"):
+        run[key] = {r: np.asarray(v, np.float64) for r, v in run[key].items()}
+    return run
+
+
+def collect(archive: Path, plan: list[tuple[str, int]]) -> dict[str, dict[int, dict]]:
+    """``{row: {seed: run}}`` of the archived runs of ``plan``, ``base`` first: its seed ``s`` is the step-0
     evaluation of seed ``s``'s runs (the same initial LoRA, prompts and noise for every method, so one run's is
     every run's; the agreement is checked)."""
     rows: dict[str, dict[int, dict]] = {"base": {}}
     for method, seed in plan:
-        workdir = run_dir(runs, method, seed)
-        if not finished(workdir, epochs):
+        path = archive_path(archive, method, seed)
+        if not path.is_file():
             continue
-        run = summarize(workdir)
+        run = load_archived(path)
         rows.setdefault(method, {})[seed] = run
         base = {"held_out": run["base"], "per_prompt": run["base_per_prompt"], "anti_aligned_fraction": None,
                 "iterations_per_s": None, "curve": None, "monitors": {}, "eval_only_shift": {}, "cpu_s": 0.0}  # fmt: skip
@@ -551,6 +582,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--runs", type=Path, default=Path("runs/reproduce"))
     parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--archive", type=Path, default=Path("docs/study"), help="each finished run's report data")
     parser.add_argument("--compilation-cache", type=Path, default=None, help="default <runs>/xla_cache ('': off)")
     parser.add_argument("--resamples", type=int, default=9999, help="bootstrap resamples per interval")
     parser.add_argument("--budget-minutes", type=float, default=0.0, help="start no run after this long (0: no limit)")
@@ -562,22 +594,25 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
     plan = schedule(args.methods, args.seeds, args.headline_seeds)
     train.enable_compilation_cache(str(args.runs / "xla_cache" if args.compilation_cache is None else args.compilation_cache))
+    for method, seed in plan:  # runs finished in --runs but not archived yet (a study stopped between the two)
+        workdir, path = run_dir(args.runs, method, seed), archive_path(args.archive, method, seed)
+        if not path.is_file() and finished(workdir, args.epochs):
+            archive_run(workdir, path)
     if not args.report_only:
         start = time.time()
-        todo = [(m, s) for m, s in plan if not finished(run_dir(args.runs, m, s), args.epochs)]
-        logging.info("%d of %d runs finished; %d to train", len(plan) - len(todo), len(plan), len(todo))
+        todo = [(m, s) for m, s in plan if not archive_path(args.archive, m, s).is_file()]
+        logging.info("%d of %d runs archived in %s; %d to train", len(plan) - len(todo), len(plan), args.archive, len(todo))
         for i, (method, seed) in enumerate(todo):
             if args.budget_minutes and time.time() - start > 60 * args.budget_minutes:
                 logging.info("budget of %.0f min spent: %d runs left for the next call", args.budget_minutes, len(todo) - i)
                 break
-            config = method_config(method, args.epochs, seed)
-            if not train_unless_finished(
-                config, run_dir(args.runs, method, seed), f"run {i + 1}/{len(todo)}: {method} seed {seed}"
-            ):
+            config, workdir = method_config(method, args.epochs, seed), run_dir(args.runs, method, seed)
+            if not train_unless_finished(config, workdir, f"run {i + 1}/{len(todo)}: {method} seed {seed}"):
                 logging.info("stopped on request: the same command resumes")
                 return
+            archive_run(workdir, archive_path(args.archive, method, seed))
     if not args.train_only:
-        write_report(collect(args.runs, plan, args.epochs), args.out, args.epochs, args.resamples, len(plan))
+        write_report(collect(args.archive, plan), args.out, args.epochs, args.resamples, len(plan))
         print((args.out / "reproduction.md").read_text())
 
 
