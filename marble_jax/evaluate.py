@@ -31,13 +31,16 @@ from marble_jax.scoring import Evaluator
 
 PyTree = Any
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "the evaluation's config (prompts, noise, rewards); each run is restored with its own config.json"
-)
-_CHECKPOINTS = flags.DEFINE_multi_string("checkpoint", [], "a training workdir (repeat the flag for several runs)")
-_STEP = flags.DEFINE_integer("step", None, "the checkpoint step (default: the latest)")
-_OUT = flags.DEFINE_string("out", "eval_table", "output path without extension: <out>.md and <out>.csv")
-flags.mark_flags_as_required(["config"])
+# The command line's flags exist only when this module runs as a program: the module is also a library
+# (tools import it), and absl flags defined at import clash with another command's of the same name.
+if __name__ == "__main__":
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "the evaluation's config (prompts, noise, rewards); each run is restored with its own config.json"
+    )
+    _CHECKPOINTS = flags.DEFINE_multi_string("checkpoint", [], "a training workdir (repeat the flag for several runs)")
+    _STEP = flags.DEFINE_integer("step", None, "the checkpoint step (default: the latest)")
+    _OUT = flags.DEFINE_string("out", "eval_table", "output path without extension: <out>.md and <out>.csv")
+    flags.mark_flags_as_required(["config"])
 
 
 MODEL_KEYS = ("model", "finetune", "lora")

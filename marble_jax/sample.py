@@ -47,19 +47,22 @@ ADAPTER = "lora:"
 # Settings that must agree between fused runs: the base model and the shape of what was trained on it.
 _SHARED = ("model", "finetune", "lora")
 
-_MODELS = flags.DEFINE_list("models", None, "training workdirs (or 'base'), comma-separated")
-_WEIGHTS = flags.DEFINE_list("weights", None, "preference weights, one per model, summing to 1 (default: uniform)")
-_ETAS = flags.DEFINE_list("etas", None, "SDE noise level per model (default: config.sample.eta of each run)")
-_PROMPTS = flags.DEFINE_string("prompts", None, "a prompt file (.txt / .jsonl) or one literal prompt")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "sampler steps")
-_IMAGES = flags.DEFINE_integer("images_per_prompt", 1, "images per prompt")
-_SEED = flags.DEFINE_integer("seed", 0, "noise seed (the same seed gives the same noise for any models / weights)")
-_PARAMS = flags.DEFINE_enum("params", "ema", ["ema", "params"], "which parameters of each run")
-_BATCH = flags.DEFINE_integer("batch", 16, "images per sampler call")
-_GUIDANCE = flags.DEFINE_float("guidance", 1.0, "classifier-free guidance scale of every model (1: none, as training)")
-_OUT = flags.DEFINE_string("out", "samples", "output directory")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "the base model's config, for --models without a workdir")
-flags.mark_flags_as_required(["models", "prompts"])
+# The command line's flags exist only when this module runs as a program: the module is also a library
+# (tools import it), and absl flags defined at import clash with another command's of the same name.
+if __name__ == "__main__":
+    _MODELS = flags.DEFINE_list("models", None, "training workdirs (or 'base'), comma-separated")
+    _WEIGHTS = flags.DEFINE_list("weights", None, "preference weights, one per model, summing to 1 (default: uniform)")
+    _ETAS = flags.DEFINE_list("etas", None, "SDE noise level per model (default: config.sample.eta of each run)")
+    _PROMPTS = flags.DEFINE_string("prompts", None, "a prompt file (.txt / .jsonl) or one literal prompt")
+    _NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "sampler steps")
+    _IMAGES = flags.DEFINE_integer("images_per_prompt", 1, "images per prompt")
+    _SEED = flags.DEFINE_integer("seed", 0, "noise seed (the same seed gives the same noise for any models / weights)")
+    _PARAMS = flags.DEFINE_enum("params", "ema", ["ema", "params"], "which parameters of each run")
+    _BATCH = flags.DEFINE_integer("batch", 16, "images per sampler call")
+    _GUIDANCE = flags.DEFINE_float("guidance", 1.0, "classifier-free guidance scale of every model (1: none, as training)")
+    _OUT = flags.DEFINE_string("out", "samples", "output directory")
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "the base model's config, for --models without a workdir")
+    flags.mark_flags_as_required(["models", "prompts"])
 
 
 def run_config(workdir: str | Path) -> ml_collections.ConfigDict:

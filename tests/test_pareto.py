@@ -38,6 +38,15 @@ def fake_front(seed: int, msdda_gain: dict[float, tuple[float, float]]) -> dict:
     return {"settings": {}, "prompt_index": [i // IMAGES for i in range(n)], "rows": rows, "cpu_s": 60.0, "train_cpu_s": 600.0}
 
 
+def test_the_commands_modules_import_together(tool):
+    """tools/pareto.py imports marble_jax.sample as a library; with marble_jax.evaluate in the same process their
+    command-line flags (both have --out and --config) raised DuplicateFlagError when defined at import."""
+    import marble_jax.evaluate
+    import marble_jax.sample
+
+    assert tool.sampling_setup is marble_jax.sample.sampling_setup and marble_jax.evaluate.evaluate_runs
+
+
 def test_dominance_rule(tool):
     up, down, zero = ({"low": a, "high": b, "mean": (a + b) / 2} for a, b in ((0.1, 0.2), (-0.2, -0.1), (-0.1, 0.1)))
     assert tool.dominance({"world_clipscore": up, "world_aesthetic": zero}) == "MSDDA above"
