@@ -256,14 +256,16 @@ def per_prompt_scores(workdir: str | Path, step: int | None = None) -> dict[str,
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no per-image scores of {workdir}'s evaluation at step {step}")
     doc = json.loads(path.read_text())
-    index = np.asarray(doc["prompt_index"])
-    out = {}
-    for reward, values in doc["scores"].items():
-        x = np.asarray(values, np.float64)
-        sums = np.bincount(index, weights=np.nan_to_num(x), minlength=len(doc["prompts"]))
-        counts = np.bincount(index, weights=~np.isnan(x), minlength=len(doc["prompts"]))
-        out[reward] = np.divide(sums, counts, out=np.full(len(sums), np.nan), where=counts > 0)
-    return out
+    return {r: prompt_means(doc["prompt_index"], v, len(doc["prompts"])) for r, v in doc["scores"].items()}
+
+
+def prompt_means(prompt_index: Sequence[int], values: Sequence[float], num_prompts: int) -> np.ndarray:
+    """float64 ``[num_prompts]``: the mean of the per-image ``values [N]`` of each prompt (image ``i`` is of prompt
+    ``prompt_index[i]``), NaN images left out, NaN where a prompt has none."""
+    index, x = np.asarray(prompt_index), np.asarray(values, np.float64)
+    sums = np.bincount(index, weights=np.nan_to_num(x), minlength=num_prompts)
+    counts = np.bincount(index, weights=~np.isnan(x), minlength=num_prompts)
+    return np.divide(sums, counts, out=np.full(len(sums), np.nan), where=counts > 0)
 
 
 def _values(cell) -> np.ndarray:

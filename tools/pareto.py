@@ -164,8 +164,7 @@ def _key(row: dict) -> str:
 
 
 def _per_prompt(doc: dict, row: dict, reward: str) -> np.ndarray:
-    index = np.asarray(doc["prompt_index"])
-    return np.bincount(index, weights=row["scores"][reward]) / np.bincount(index)
+    return statistics.prompt_means(doc["prompt_index"], row["scores"][reward], max(doc["prompt_index"]) + 1)
 
 
 def analyse(fronts: dict[int, dict], n_resamples: int) -> dict:
