@@ -12,7 +12,7 @@ The pieces, from the inside out:
   Frank-Wolfe crawls). It stops on the Frank-Wolfe duality gap, never on the step size.
 * :func:`gram_matrix` — ``G[k, j] = <g_k, g_j>`` summed leaf by leaf over a pytree of stacked
   gradients (leading axis K); no leaf is flattened into one model-sized vector. On CPU a native
-  kernel (:mod:`marble_jax.gram_kernel`) reads the float32 leaves once.
+  kernel (:mod:`marble_jax.cpu_kernels`) reads the float32 leaves once.
 * :func:`harmonize` — MARBLE's normalise / min-norm / EMA / rescale recipe (REFERENCE §3 steps
   2-5) on a Gram matrix, giving the coefficients ``c_k`` of the combined update.
 * :func:`mgda_aggregate` — one aggregation as a pure function: K-stacked Jacobian (and state,
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from marble_jax import gram_kernel
+from marble_jax import cpu_kernels
 
 Array = jax.Array
 PyTree = Any
@@ -187,7 +187,12 @@ def min_norm(gram: Array, mask: Array | None = None, *, max_iters: int = 1000, t
     return min_norm_with_info(gram, mask, max_iters=max_iters, tol=tol).weights
 
 
-NATIVE_GRAM_MAX_K = 128  # gram_matrix's native kernel keeps a K x K x 16 float32 block of partial sums per thread
+NATIVE_MAX_K = 128  # the native Gram kernel keeps a K x K x 16 float32 block of partial sums per thread
+
+
+def _native_cpu(k: int) -> bool:
+    """Whether float32 leaves of K rows go to :mod:`marble_jax.cpu_kernels`: CPU, one device, the kernels built."""
+    return 1 <= k <= NATIVE_MAX_K and jax.default_backend() == "cpu" and jax.device_count() == 1 and cpu_kernels.available()
 
 
 def _flat_leaf(leaf: Array) -> Array:
@@ -201,7 +206,7 @@ def gram_matrix(grads: PyTree, *, chunk: int | None = None) -> Array:
     no approximation). How, by measurement (``tools/bench_mgda.py``):
 
     * on CPU (the default backend, one device), the float32 leaves (K <= 128) go, all in one call, to the native
-      kernel of :mod:`marble_jax.gram_kernel` when it is available: one pass over them, register tiles of row pairs,
+      kernel of :mod:`marble_jax.cpu_kernels` when it is available: one pass over them, register tiles of row pairs,
       only the pairs ``k <= j``, on XLA's thread pool. On a 2-core machine under load: at K = 5 it takes about the time
       XLA takes to read the leaf once (a row sum), 2.6x / 3.7x faster than the XLA loop below at n = 1e6 / 1e7 and
       3-6x faster than one XLA product at n = 1024-16384 (as fast down to n = 16: no size threshold); 1.6-1.9x faster
@@ -230,13 +235,7 @@ def gram_matrix(grads: PyTree, *, chunk: int | None = None) -> Array:
     for leaf in leaves:
         if leaf.ndim == 0 or leaf.shape[0] != k:
             raise ValueError(f"gram_matrix: every leaf needs a leading axis of size {k}, got a leaf of shape {leaf.shape}")
-    native = (
-        chunk is None
-        and 1 <= k <= NATIVE_GRAM_MAX_K
-        and jax.default_backend() == "cpu"
-        and jax.device_count() == 1
-        and gram_kernel.available()
-    )
+    native = chunk is None and _native_cpu(k)
     min_bytes = 6 * 2**20 if chunk is None else 0
     if chunk is None:
         chunk = min(max(1 << ((3072 * max(k, 1)).bit_length() - 1), 4096), 65536)
@@ -278,17 +277,23 @@ def gram_matrix(grads: PyTree, *, chunk: int | None = None) -> Array:
     rest = [flat for flat in flats if not (native and flat.dtype == jnp.float32)]
     if not to_kernel:
         return xla_gram(*rest)
-    total = jax.lax.platform_dependent(*to_kernel, cpu=gram_kernel.gram_f32, default=xla_gram)
+    total = jax.lax.platform_dependent(*to_kernel, cpu=cpu_kernels.gram_f32, default=xla_gram)
     return total + xla_gram(*rest) if rest else total
 
 
 def combine(grads: PyTree, coefficients: Array) -> PyTree:
     """``sum_k c_k g_k`` leaf by leaf: ``grads`` leaves ``[K, ...]``, ``coefficients [K]``.
 
-    Up to K = 16 an explicit sum ``c_0 g_0 + c_1 g_1 + ...``: one elementwise pass over the stack, fused with the
-    casts and with an elementwise consumer. On CPU ``tensordot`` (a matrix-vector product) is as fast at K = 16,
-    slower at K = 5 (1.5x when a ``where`` follows, 2.8x on bfloat16 leaves) and faster from K = 32 on, where it
-    is kept.
+    On CPU (one device, K <= 128) the float32 leaves go, all in one call, to the native kernel of
+    :mod:`marble_jax.cpu_kernels`: one pass, fresh results on huge pages (XLA's fused sum faults its fresh result in
+    4 KiB pages, which at 40 MB cost more than the pass: 15 ms against 9 ms at K = 5, D = 1e7). Inside a jitted
+    step with an optimiser after it, where XLA fuses its sum into the optimiser's pass, measured as fast at K = 5
+    and 1.6x faster at K = 16 (D = 1e6).
+
+    Elsewhere, up to K = 16, an explicit sum ``c_0 g_0 + c_1 g_1 + ...``: one elementwise pass over the stack, fused
+    with the casts and with an elementwise consumer. On CPU ``tensordot`` (a matrix-vector product) is as fast at
+    K = 16, slower at K = 5 (1.5x when a ``where`` follows, 2.8x on bfloat16 leaves) and faster from K = 32 on,
+    where it is kept.
     """
 
     def one(leaf):
@@ -301,7 +306,21 @@ def combine(grads: PyTree, coefficients: Array) -> PyTree:
             out = out + c[i] * leaf[i].astype(dtype)
         return out.astype(leaf.dtype)
 
-    return jax.tree.map(one, grads)
+    leaves, treedef = jax.tree.flatten(grads)
+    k = coefficients.shape[0]
+    native = [i for i, leaf in enumerate(leaves) if leaf.dtype == jnp.float32] if _native_cpu(k) else []
+    out = [None if i in set(native) else one(leaf) for i, leaf in enumerate(leaves)]
+    if native:
+
+        def xla(c, *flats):
+            del c  # the same coefficients, as ``one`` takes them
+            return tuple(one(flat) for flat in flats)
+
+        flats = [_flat_leaf(leaves[i]) for i in native]
+        results = jax.lax.platform_dependent(coefficients.astype(jnp.float32), *flats, cpu=cpu_kernels.combine_f32, default=xla)
+        for i, y in zip(native, results, strict=True):
+            out[i] = y.reshape(leaves[i].shape[1:])
+    return jax.tree.unflatten(treedef, out)
 
 
 class MGDAState(NamedTuple):

@@ -53,7 +53,7 @@ def assert_gram_close(got, leaves: list[np.ndarray]):
 def test_chunked_leaf(k, d, chunk, loops, monkeypatch):
     """A leaf of >= 2 chunks: the CPU loop when >= 6 MiB or the chunk is given, else one product (XLA's path: the
     native kernel, tested in test_gram_kernel.py, is turned off)."""
-    monkeypatch.setenv("MARBLE_JAX_NATIVE_GRAM", "0")
+    monkeypatch.setenv("MARBLE_JAX_NATIVE_KERNELS", "0")
     x = np.random.default_rng(d).standard_normal((k, d)).astype(np.float32)
     x[0] *= 1e3  # rows of different scales: errors are relative to sum |a_i b_i| per entry
     fn = jax.jit(lambda a: mgda.gram_matrix(a, chunk=chunk))

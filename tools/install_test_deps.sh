@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the tests need on a fresh Debian / Ubuntu machine, then nothing else:
 # - Tesseract, the OCR reward's offline engine, and g++, which builds the native CPU Gram kernel
-#   (marble_jax/gram_kernel.py; without it the kernel's tests skip and XLA's path runs) (Debian packages; each
+#   (marble_jax/cpu_kernels.py; without it the kernel's tests skip and XLA's path runs) (Debian packages; each
 #   skipped when already on PATH);
 # - the package with its `test` extra (pins the CPU build of torch), every package at the exact version of
 #   tools/constraints.txt (the versions the suite was last green with; setup.py keeps only floors);

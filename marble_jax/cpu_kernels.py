@@ -1,20 +1,26 @@
-"""The native CPU Gram-matrix kernel (``csrc/gram_cpu.cc``): building it, loading it and calling it through XLA's FFI.
+"""The native CPU kernels of the MGDA step (``csrc/cpu_kernels.cc``): building, loading and calling them through XLA's FFI.
 
-:func:`gram_f32` computes ``G [K, K] = sum_o x_o x_o^T`` of float32 operands ``x_o [K, n_o]`` in one pass over them,
-float32 accumulation in a fixed order (see the source's header for the order and its rounding bound), on XLA's CPU
-thread pool. :func:`marble_jax.mgda.gram_matrix` uses it for float32 leaves on CPU in a one-device process (XLA does
-not partition a custom call: it would gather operands sharded over several devices).
+Both run over float32 operands ``x_o [K, n_o]`` (one gradient per row) on XLA's CPU thread pool, in a fixed order
+(see the source's header for the orders and their rounding bounds):
+
+* :func:`gram_f32`: ``G [K, K] = sum_o x_o x_o^T`` in one pass over the operands;
+* :func:`combine_f32`: ``y_o = c^T x_o [n_o]`` for coefficients ``c [K]``, in one pass, writing its fresh results on
+  transparent huge pages where the kernel allows it (a fresh result over glibc's mmap threshold otherwise faults in
+  4 KiB at a time: 9766 faults for 40 MB, more time than the pass itself).
+
+:mod:`marble_jax.mgda` uses them for float32 leaves on CPU in a one-device process (XLA does not partition a custom
+call: it would gather operands sharded over several devices).
 
 Build: on the first :func:`available` in a process, ``$CXX`` (default ``g++``) compiles the source with
 :data:`FLAGS` and ``-I jax.ffi.include_dir()`` into a shared library in the cache directory ``$MARBLE_JAX_CACHE``
 (default ``~/.cache/marble_jax/ffi``), named by a hash of the source, the compiler and its version, the flags, the
 jaxlib version and the CPU (``-march=native``), so a changed source, compiler or machine builds anew. It is written
 under a temporary name and renamed into place, so concurrent processes never load a half-written library. The
-library is loaded with ctypes and its handler registered as the FFI target :data:`TARGET` for the CPU platform, once
-per process.
+library is loaded with ctypes and its handlers registered as the FFI targets :data:`GRAM_TARGET` and
+:data:`COMBINE_TARGET` for the CPU, once per process.
 
 Fallback: no compiler, or a failed build or load, makes :func:`available` False with one logged warning naming the
-reason; callers then keep their XLA path. ``MARBLE_JAX_NATIVE_GRAM=0`` makes it False without building (read at
+reason; callers then keep their XLA path. ``MARBLE_JAX_NATIVE_KERNELS=0`` makes it False without building (read at
 each call, i.e. when a caller traces).
 """
 
@@ -38,11 +44,12 @@ import jaxlib
 
 Array = jax.Array
 
-TARGET = "marble_jax_gram_f32"
-SYMBOL = "MarbleGramF32"
-SOURCE = Path(__file__).parent / "csrc" / "gram_cpu.cc"
+GRAM_TARGET = "marble_jax_gram_f32"
+COMBINE_TARGET = "marble_jax_combine_f32"
+_SYMBOLS = {GRAM_TARGET: "MarbleGramF32", COMBINE_TARGET: "MarbleCombineF32"}
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cc"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17")
-DISABLE_ENV = "MARBLE_JAX_NATIVE_GRAM"
+DISABLE_ENV = "MARBLE_JAX_NATIVE_KERNELS"
 
 log = logging.getLogger(__name__)
 _register_lock = threading.Lock()
@@ -72,11 +79,11 @@ def _build(cxx: str) -> Path:
         key.update(part + b"\0")
     key.update(f"{jaxlib.__version__}\0{_cpu_identity()}".encode())
     directory = cache_dir()
-    path = directory / f"gram_cpu-{key.hexdigest()[:20]}.so"
+    path = directory / f"cpu_kernels-{key.hexdigest()[:20]}.so"
     if path.exists():
         return path
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".gram_cpu-", suffix=".so")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".cpu_kernels-", suffix=".so")
     os.close(fd)
     try:
         cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
@@ -95,17 +102,17 @@ def _library() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (after one warning with the reason) when it cannot be built or loaded."""
     cxx = os.environ.get("CXX") or "g++"
     if shutil.which(cxx) is None:
-        log.warning("native Gram kernel unavailable: no C++ compiler %r (set $CXX); keeping XLA's product", cxx)
+        log.warning("native CPU kernels unavailable: no C++ compiler %r (set $CXX); keeping XLA's path", cxx)
         return None
     try:
         return ctypes.cdll.LoadLibrary(str(_build(cxx)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("native Gram kernel unavailable: %s; keeping XLA's product", e)
+        log.warning("native CPU kernels unavailable: %s; keeping XLA's path", e)
         return None
 
 
 def available() -> bool:
-    """Whether :func:`gram_f32` can run: the kernel built, loaded and registered, and not disabled by the env var."""
+    """Whether the kernels can run: built, loaded and registered, and not disabled by the env var."""
     global _registered
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return False
@@ -114,7 +121,8 @@ def available() -> bool:
         return False
     with _register_lock:
         if not _registered:
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)), platform="cpu")
+            for target, symbol in _SYMBOLS.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
             _registered = True
     return True
 
@@ -122,7 +130,7 @@ def available() -> bool:
 def _ffi_gram(*operands: Array) -> Array:
     """The kernel's custom call on ``x_o [K, n_o]``: ``[K, K]`` (under ``vmap`` one call per batch element)."""
     k = operands[0].shape[0]
-    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((k, k), jnp.float32), vmap_method="sequential")(*operands)
+    return jax.ffi.ffi_call(GRAM_TARGET, jax.ShapeDtypeStruct((k, k), jnp.float32), vmap_method="sequential")(*operands)
 
 
 @jax.custom_jvp
@@ -152,8 +160,54 @@ def gram_f32(*operands: Array) -> Array:
             got = [(str(o.dtype), o.shape) for o in operands]
             raise ValueError(f"gram_f32: operands must be float32 [K, n] with one K, got {got}")
     if not available():
-        raise RuntimeError("gram_f32: the native Gram kernel is not available (see gram_kernel.available)")
-    gram = _differentiable_gram(*operands)
+        raise RuntimeError("gram_f32: the native CPU kernels are not available (see cpu_kernels.available)")
+    return _varying_like(_differentiable_gram(*operands), operands)
+
+
+def _varying_like(result: Array, operands: tuple[Array, ...]) -> Array:
+    """``result`` marked as varying over the manual (``shard_map``) axes its operands vary over: an FFI call's result
+    carries none, XLA's own ops would carry them all."""
     varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in operands))
-    varying -= jax.typeof(gram).manual_axis_type.varying  # an FFI call's result carries none
-    return jax.lax.pcast(gram, tuple(sorted(varying)), to="varying") if varying else gram
+    varying -= jax.typeof(result).manual_axis_type.varying
+    return jax.lax.pcast(result, tuple(sorted(varying)), to="varying") if varying else result
+
+
+def _ffi_combine(coefficients: Array, *operands: Array) -> tuple[Array, ...]:
+    """The kernel's custom call: ``c [K]``, ``x_o [K, n_o]`` to the ``[n_o]`` results."""
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape[1:], jnp.float32) for x in operands)
+    return tuple(jax.ffi.ffi_call(COMBINE_TARGET, shapes, vmap_method="sequential")(coefficients, *operands))
+
+
+@jax.custom_jvp
+def _differentiable_combine(coefficients: Array, *operands: Array) -> tuple[Array, ...]:
+    return _ffi_combine(coefficients, *operands)
+
+
+@_differentiable_combine.defjvp
+def _combine_jvp(primals: tuple[Array, ...], tangents: tuple[Array, ...]) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
+    """``dy_o = dc^T x_o + c^T dx_o``, by XLA's products (bilinear in ``c`` and ``x_o``)."""
+    c, *xs = primals
+    dc, *dxs = tangents
+    outs = _ffi_combine(c, *xs)
+    return outs, tuple(jnp.tensordot(dc, x, axes=1) + jnp.tensordot(c, dx, axes=1) for x, dx in zip(xs, dxs, strict=True))
+
+
+def combine_f32(coefficients: Array, *operands: Array) -> tuple[Array, ...]:
+    """``y_o = sum_k c_k x_o[k] [n_o]`` float32, for ``c [K]`` and float32 operands ``x_o [K, n_o]``, by the native kernel.
+
+    CPU only; call it only when :func:`available`. One pass over the operands (XLA's fused sum reads them as fast but
+    writes its fresh result page by page). Under ``vmap`` it runs once per batch element; derivatives go through
+    XLA's products.
+    """
+    if not operands:
+        raise ValueError("combine_f32: no operands")
+    k = coefficients.shape[0] if coefficients.ndim == 1 else None
+    if coefficients.ndim != 1 or coefficients.dtype != jnp.float32:
+        raise ValueError(f"combine_f32: coefficients must be float32 [K], got {coefficients.dtype} {coefficients.shape}")
+    for x in operands:
+        if x.ndim != 2 or x.shape[0] != k or x.dtype != jnp.float32:
+            got = [(str(o.dtype), o.shape) for o in operands]
+            raise ValueError(f"combine_f32: operands must be float32 [{k}, n] (K = the coefficients' length), got {got}")
+    if not available():
+        raise RuntimeError("combine_f32: the native CPU kernels are not available (see cpu_kernels.available)")
+    return tuple(_varying_like(y, (coefficients, *operands)) for y in _differentiable_combine(coefficients, *operands))
