@@ -152,16 +152,21 @@ def gram_f32(*operands: Array) -> Array:
     its result varies over the operands' manual axes, as XLA's product's would; derivatives go through XLA's
     products. XLA does not partition a custom call: it would gather operands sharded over several devices.
     """
+    k = operands[0].shape[0] if operands and operands[0].ndim else None
+    _check_operands("gram_f32", operands, k, "[K, n] with one K")
+    return _varying_like(_differentiable_gram(*operands), operands)
+
+
+def _check_operands(name: str, operands: tuple[Array, ...], k: int | None, wanted: str) -> None:
+    """Raises, naming ``name``, unless there are operands, all float32 ``[k, n]``, and the kernels are available."""
     if not operands:
-        raise ValueError("gram_f32: no operands")
-    k = operands[0].shape[0] if operands[0].ndim else None
+        raise ValueError(f"{name}: no operands")
     for x in operands:
         if x.ndim != 2 or x.shape[0] != k or x.dtype != jnp.float32:
             got = [(str(o.dtype), o.shape) for o in operands]
-            raise ValueError(f"gram_f32: operands must be float32 [K, n] with one K, got {got}")
+            raise ValueError(f"{name}: operands must be float32 {wanted}, got {got}")
     if not available():
-        raise RuntimeError("gram_f32: the native CPU kernels are not available (see cpu_kernels.available)")
-    return _varying_like(_differentiable_gram(*operands), operands)
+        raise RuntimeError(f"{name}: the native CPU kernels are not available (see cpu_kernels.available)")
 
 
 def _varying_like(result: Array, operands: tuple[Array, ...]) -> Array:
@@ -199,15 +204,8 @@ def combine_f32(coefficients: Array, *operands: Array) -> tuple[Array, ...]:
     writes its fresh result page by page). Under ``vmap`` it runs once per batch element; derivatives go through
     XLA's products.
     """
-    if not operands:
-        raise ValueError("combine_f32: no operands")
-    k = coefficients.shape[0] if coefficients.ndim == 1 else None
     if coefficients.ndim != 1 or coefficients.dtype != jnp.float32:
         raise ValueError(f"combine_f32: coefficients must be float32 [K], got {coefficients.dtype} {coefficients.shape}")
-    for x in operands:
-        if x.ndim != 2 or x.shape[0] != k or x.dtype != jnp.float32:
-            got = [(str(o.dtype), o.shape) for o in operands]
-            raise ValueError(f"combine_f32: operands must be float32 [{k}, n] (K = the coefficients' length), got {got}")
-    if not available():
-        raise RuntimeError("combine_f32: the native CPU kernels are not available (see cpu_kernels.available)")
+    k = coefficients.shape[0]
+    _check_operands("combine_f32", operands, k, f"[{k}, n] (K = the coefficients' length)")
     return tuple(_varying_like(y, (coefficients, *operands)) for y in _differentiable_combine(coefficients, *operands))

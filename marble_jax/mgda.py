@@ -309,7 +309,8 @@ def combine(grads: PyTree, coefficients: Array) -> PyTree:
     leaves, treedef = jax.tree.flatten(grads)
     k = coefficients.shape[0]
     native = [i for i, leaf in enumerate(leaves) if leaf.dtype == jnp.float32] if _native_cpu(k) else []
-    out = [None if i in set(native) else one(leaf) for i, leaf in enumerate(leaves)]
+    to_kernel = set(native)
+    out = [None if i in to_kernel else one(leaf) for i, leaf in enumerate(leaves)]
     if native:
 
         def xla(c, *flats):
