@@ -207,10 +207,11 @@ def gram_matrix(grads: PyTree, *, chunk: int | None = None) -> Array:
 
     * on CPU (the default backend, one device), the float32 leaves (K <= 128) go, all in one call, to the native
       kernel of :mod:`marble_jax.cpu_kernels` when it is available: one pass over them, register tiles of row pairs,
-      only the pairs ``k <= j``, on XLA's thread pool. On a 2-core machine under load: at K = 5 it takes about the time
-      XLA takes to read the leaf once (a row sum), 2.6x / 3.7x faster than the XLA loop below at n = 1e6 / 1e7 and
-      3-6x faster than one XLA product at n = 1024-16384 (as fast down to n = 16: no size threshold); 1.6-1.9x faster
-      at K = 16-64, 1.2x at K = 128; 2.3x on 400 leaves of 256 values, 1.3-1.4x on a LoRA-like tree of 200 leaves.
+      only the pairs ``k <= j``, on XLA's thread pool, the next block of columns prefetched while a block's tiles run
+      (K > 5). On a 2-core machine, each call after a 20 ms rest: at K = 5 and 16 it takes about the time of one read
+      of the leaf (n = 1e7: 6.1 and 22.7 ms, against 6-8 and 18-22 ms for a read); against the XLA path below it is
+      3.4x / 5.0x faster at K = 5, n = 1e6 / 1e7, 3.7x / 4.1x at K = 16, 5.6x at K = 64 and 2.9x at K = 128
+      (n = 1e6), 1.5-1.9x at K = 5, n = 1024-16384 (no size threshold) and 1.5x on 400 leaves of 256 values.
       With several devices (``--xla_force_host_platform_device_count``, several processes) leaves may be sharded, and
       XLA would gather a custom call's operands where it partitions its own products (local products, then an
       all-reduce): there XLA's path below runs;

@@ -118,14 +118,19 @@ def prepare(fn, args) -> tuple[Callable[[], None], float, float]:
     return run, float(cost.get("flops", 0.0)), float(mem.temp_size_in_bytes + mem.output_size_in_bytes)
 
 
-def interleaved_best(runs: dict[str, Callable[[], None]], repeats: int, warm_up: bool = False) -> dict[str, float]:
+def interleaved_best(
+    runs: dict[str, Callable[[], None]], repeats: int, warm_up: bool = False, settle: float = 0.0
+) -> dict[str, float]:
     """Best seconds per call of each ``run``, the modes taking turns in every repeat (so a slow spell of a shared
-    machine hits all of them, not one); ``warm_up``: one untimed call of each first (compilation)."""
+    machine hits all of them, not one); ``warm_up``: one untimed call of each first (compilation); ``settle``: seconds
+    of untimed sleep before each call, so that the thread pools of the call before (OpenBLAS's, torch's, XLA's spin a
+    while after their work) are asleep and do not take cores from the next."""
     for run in runs.values() if warm_up else ():
         run()
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
         for name, run in runs.items():
+            time.sleep(settle)
             start = time.perf_counter()
             run()
             best[name] = min(best[name], time.perf_counter() - start)

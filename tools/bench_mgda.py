@@ -1,7 +1,7 @@
 """Our jitted ``mgda_weights`` update against torchjd's MGDA on the same [K, D] Jacobian.
 
     python tools/bench_mgda.py [--ks 5,16] [--ds 1e6,1e7] [--repeats 10] [--tree | --no-flat --tree] [--leaves 200]
-                               [--no-native]
+                               [--no-native] [--settle 0.02]
 
 Both aggregate K gradients of D parameters into one vector: the Gram matrix, the min-norm
 weights, the weighted sum. Printed: time of each, their ratio, the floor and our time over it, our
@@ -21,7 +21,11 @@ faster per byte than the copy's mixed one (one read of 200 MB: 6-8 ms, the whole
 that figure, kept in the last column, is a bound no two-pass method can reach.
 
 Timing: each repeat runs ours, torchjd, the copy and the matrix-vector product back to back, and each
-keeps its best time, so that load from other processes on the machine hits all alike. The copy runs
+keeps its best time, so that load from other processes on the machine hits all alike, with ``--settle``
+seconds of untimed sleep before each call: OpenBLAS's and torch's threads spin for a while after their
+call and, on a 2-core machine, took a core from the call after them (our K = 16, D = 1e7 Gram matrix:
+33 ms right after the others' calls, 19 ms after a 50 ms rest). Every routine then starts with its
+thread pool asleep, a cost of some 0.1 ms that shows at D = 1e6. The copy runs
 in place (its input buffer donated) and the product writes into one preallocated vector: a fresh
 buffer of more than glibc's 32 MiB mmap threshold page-faults its whole output on every call.
 
@@ -122,7 +126,9 @@ def compiled_update(tx, grads, state, native: bool):
         return jax.jit(lambda g, s: tx.update(g, s)[0]).lower(grads, state).compile()
 
 
-def bench_case(k: int, d: int, repeats: int, rate: float, leaves: int | None = None, xla_too: bool = False) -> str:
+def bench_case(
+    k: int, d: int, repeats: int, rate: float, leaves: int | None = None, xla_too: bool = False, settle: float = 0.0
+) -> str:
     """One table row: torchjd and ours on the same conflicting [K, D] Jacobian (ours on a pytree of it if leaves);
     ``xla_too``: also ours with XLA's Gram matrix."""
     if leaves is not None:
@@ -146,7 +152,7 @@ def bench_case(k: int, d: int, repeats: int, rate: float, leaves: int | None = N
     if xla_too:
         update_xla = compiled_update(tx, ours_in, state, native=False)
         runs["xla"] = lambda: jax.block_until_ready(update_xla(ours_in, state))
-    best = interleaved_best(runs, repeats, warm_up=True)
+    best = interleaved_best(runs, repeats, warm_up=True, settle=settle)
     out_t = agg(jt).double().numpy()
     out_o = update(ours_in, state)
     if leaves is not None:
@@ -174,6 +180,7 @@ def main():
     parser.add_argument("--no-flat", action="store_true", help="skip the flat [K, D] table")
     parser.add_argument("--leaves", type=int, default=200)
     parser.add_argument("--no-native", action="store_true", help="also time ours without the native CPU kernels (XLA's path)")
+    parser.add_argument("--settle", type=float, default=0.02, help="seconds of untimed sleep before each timed call")
     args = parser.parse_args()
     print(f"native CPU kernels: {'on' if cpu_kernels.available() else 'off'}")
     rate = gemm_rate(args.repeats)
@@ -189,7 +196,7 @@ def main():
         print(title)
         print("".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
         for k, d in cases:
-            print(bench_case(k, d, args.repeats, rate, leaves, xla_too=args.no_native), flush=True)
+            print(bench_case(k, d, args.repeats, rate, leaves, xla_too=args.no_native, settle=args.settle), flush=True)
 
 
 if __name__ == "__main__":
