@@ -9,7 +9,7 @@
 // kLanes independent float32 partial sums (one GCC vector: vectorised by construction, no -ffast-math, no
 // reordering by the compiler). Each block's partial sums are then added to the pair's running kLanes sums. At the
 // end of a part, the lanes of each pair are summed in a fixed binary tree and the parts' sums added in part order:
-// the result is bitwise reproducible on a machine (the parts are a function of the sizes and the core count only).
+// the result is bitwise reproducible, whatever the core count (the parts are a function of the sizes only).
 //
 // Rounding: every product a_c b_c passes through at most
 //   h = BlockColumns(K) / kLanes (its lane within a block) + blocks_in_part (the running sums; an operand's last
@@ -21,10 +21,10 @@
 // Combination: each result value is c_0 x_0 then K - 1 multiply-adds in row order (|error| <= gamma_K sum_k |c_k
 // x_k|), so it does not depend on the threads. Its results are fresh buffers: see AdviseHugePages.
 //
-// Threads: for K * columns >= kMinThreadedValues, the work is split into tasks (the Gram's blocks into parts of
-// equal block counts, as many as std::thread::hardware_concurrency() but at most kMaxParts; the combination's
-// columns into chunks of kCombineChunk) that run on XLA's intra-op thread pool, the calling thread taking tasks
-// too, so that a call finishes even when no pool thread is free.
+// Threads: for K * columns >= kMinThreadedValues, the work is split into tasks (the Gram's blocks into kMaxParts
+// parts of equal block counts, fewer when there are fewer blocks; the combination's columns into chunks of
+// kCombineChunk) that std::thread::hardware_concurrency() threads take in turn on XLA's intra-op thread pool, the
+// calling thread taking tasks too, so that a call finishes even when no pool thread is free.
 
 #include <algorithm>
 #include <array>
@@ -234,10 +234,10 @@ ffi::Error GramImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Result<M
     }
   }
   const int64_t count = static_cast<int64_t>(blocks.size());
-  const int64_t parts = values < kMinThreadedValues ? 1 : std::max<int64_t>(1, std::min(Threads(), count));
+  const int64_t parts = values < kMinThreadedValues ? 1 : std::max<int64_t>(1, std::min(kMaxParts, count));
   // Part p sums blocks [p count / parts, (p + 1) count / parts) into part_gram[p] (upper triangle).
   std::vector<float> part_gram(parts * k * k, 0.0f);
-  ParallelFor(pool, parts, parts, [&](int64_t p) {
+  ParallelFor(pool, parts, Threads(), [&](int64_t p) {
     std::vector<Vec> sums(k * k, Vec{});
     const int64_t first = p * count / parts, last = (p + 1) * count / parts;
     for (int64_t i = first; i < last; ++i) BlockGram(blocks[i], k, sums.data(), i + 1 < last ? &blocks[i + 1] : nullptr);
