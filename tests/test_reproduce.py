@@ -124,3 +124,21 @@ def test_verdict_rule(tool):
     assert tool._all(["reproduced", "not reproduced"]) == "not reproduced"
     assert tool._all(["reproduced"] * 3) == "reproduced"
     assert tool._all(["reproduced", "inconclusive (one seed)"]) == "inconclusive (one seed)"
+
+
+@pytest.mark.parametrize("gram_gain,expected", [(0.5, "**switch to marble_gram**."), (0.0, "**keep the default**")])
+def test_default_rule(tool, tmp_path, gram_gain, expected):
+    """Item 6 of the claims: another MARBLE setting becomes the default only when its paired Composite difference
+    against the default lies above zero over 3 seeds (here 0.3 above on every reward: switch; 0.2 below: keep)."""
+    gains = {"weighted_sum": 0.2, "marble_amortized": 0.2, "marble_gram": gram_gain}
+    runs, archive = tmp_path / "runs", tmp_path / "archive"
+    plan = [(m, s) for s in range(3) for m in gains]
+    for method, seed in plan:
+        fake_run(tool.run_dir(runs, method, seed), tool.COLUMNS, seed, {r: gains[method] for r in tool.COLUMNS}, 0.0, 1.0)
+        tool.archive_run(tool.run_dir(runs, method, seed), tool.archive_path(archive, method, seed))
+    tool.write_report(tool.collect(archive, plan), tmp_path / "out", 10, n_resamples=199, planned=len(plan))
+    doc = json.loads((tmp_path / "out" / "reproduction.json").read_text())
+    diff = doc["pairs"]["marble_gram - marble_amortized"]["Composite"]
+    assert (diff["low"] > 0) == (gram_gain > 0.2) and (diff["high"] < 0) == (gram_gain < 0.2)
+    line = next(x for x in (tmp_path / "out" / "reproduction.md").read_text().splitlines() if x.startswith("6. "))
+    assert "the highest Composite of the other MARBLE settings is marble_gram's" in line and expected in line, line

@@ -59,6 +59,8 @@ METHODS = (
 )
 IMAGES_PER_PROMPT = 4  # held-out images per prompt at every evaluation (the intervals' cells average them)
 REFERENCE = ("base", "weighted_sum")  # the rows whose seeds set Composite's scale
+DEFAULT = "marble_amortized"  # configs/k5.py's world method; the other MARBLE settings are paired against it
+MARBLE_SETTINGS = ("marble", "marble_gram", *ABLATION, "marble_gram_no_ema")
 PAPER = {"anti_aligned": {"weighted_sum": 0.80, "marble": 0.0}, "throughput": {"weighted_sum": 1.00, "marble": 0.56,
                                                                                  "marble_amortized": 0.97}}  # fmt: skip
 
@@ -242,11 +244,13 @@ def over_seeds(values: list[float | None], n_resamples: int) -> dict | None:
 
 def comparisons(rows: dict[str, dict[int, dict]]) -> list[tuple[str, str]]:
     """The (row, baseline) pairs the report and its verdicts compare: every row against the weighted sum and the
-    base, rho 0.7 against the other rhos (amortised and ``marble_gram``), each single-reward run against MARBLE."""
+    base, rho 0.7 against the other rhos (amortised and ``marble_gram``), each single-reward run against MARBLE,
+    every other MARBLE setting against the default (:data:`DEFAULT`)."""
     pairs = [(row, base) for row in rows for base in ("weighted_sum", "base") if row != base]
     pairs += [("marble_amortized", f"marble_rho_{rho}") for rho in RHOS]
     pairs += [("marble_gram", f"marble_gram_rho_{rho}") for rho in RHOS]
     pairs += [(f"single_{r}", "marble_amortized") for r in REWARDS]
+    pairs += [(row, DEFAULT) for row in MARBLE_SETTINGS]
     return [(a, b) for a, b in pairs if a in rows and b in rows and set(rows[a]) & set(rows[b])]
 
 
@@ -405,6 +409,20 @@ def verdicts(analysis: dict, n_resamples: int) -> list[str]:
             f"**{'reproduced' if behind else 'not reproduced' if ahead else 'inconclusive'}** (reproduced: another "
             "trained reward below MARBLE's; not reproduced: above MARBLE's on all four others)."
         )
+    default = rows.get(DEFAULT, {}).get("Composite")
+    others = {row: pairs[f"{row} - {DEFAULT}"] for row in MARBLE_SETTINGS if f"{row} - {DEFAULT}" in pairs}
+    others = {row: d for row, d in others.items() if "Composite" in d}
+    if default and others:
+        best = max(others, key=lambda row: rows[row]["Composite"]["mean"])
+        better = [row for row, d in others.items() if len(d["seeds"]) >= 3 and d["Composite"]["low"] > 0]
+        text = ", ".join(f"{row} {fmt_ci(d['Composite'], 2)} ({len(d['seeds'])})" for row, d in others.items())
+        lines.append(
+            f"6. **The default** ({DEFAULT}, Composite {fmt_ci(default, 2)}): the highest Composite of the other MARBLE "
+            f"settings is {best}'s, {fmt_ci(rows[best]['Composite'], 2)}. Paired Composite differences against the "
+            f"default (setting minus default, paired seeds): {text}. Rule: another setting becomes the default when "
+            "its difference's interval lies above zero over 3 seeds or more: "
+            + (f"**switch to {', '.join(better)}**." if better else "**keep the default** (none is ahead beyond the noise).")
+        )  # fmt: skip
     return lines
 
 
