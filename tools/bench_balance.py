@@ -119,18 +119,26 @@ def prepare(fn, args) -> tuple[Callable[[], None], float, float]:
 
 
 def interleaved_best(
-    runs: dict[str, Callable[[], None]], repeats: int, warm_up: bool = False, settle: float = 0.0
+    runs: dict[str, Callable[[], None]],
+    repeats: int,
+    warm_up: bool = False,
+    settle: float = 0.0,
+    rewarm: bool = False,
 ) -> dict[str, float]:
     """Best seconds per call of each ``run``, the modes taking turns in every repeat (so a slow spell of a shared
     machine hits all of them, not one); ``warm_up``: one untimed call of each first (compilation); ``settle``: seconds
     of untimed sleep before each call, so that the thread pools of the call before (OpenBLAS's, torch's, XLA's spin a
-    while after their work) are asleep and do not take cores from the next."""
+    while after their work) are asleep and do not take cores from the next; ``rewarm``: then one untimed call of the
+    same run right before the timed one, so that its own thread pool is awake, as in a training loop where the step
+    follows the same library's backward pass."""
     for run in runs.values() if warm_up else ():
         run()
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
         for name, run in runs.items():
             time.sleep(settle)
+            if rewarm:
+                run()
             start = time.perf_counter()
             run()
             best[name] = min(best[name], time.perf_counter() - start)

@@ -21,11 +21,14 @@ faster per byte than the copy's mixed one (one read of 200 MB: 6-8 ms, the whole
 that figure, kept in the last column, is a bound no two-pass method can reach.
 
 Timing: each repeat runs ours, torchjd, the copy and the matrix-vector product back to back, and each
-keeps its best time, so that load from other processes on the machine hits all alike, with ``--settle``
-seconds of untimed sleep before each call: OpenBLAS's and torch's threads spin for a while after their
-call and, on a 2-core machine, took a core from the call after them (our K = 16, D = 1e7 Gram matrix:
-33 ms right after the others' calls, 19 ms after a 50 ms rest). Every routine then starts with its
-thread pool asleep, a cost of some 0.1 ms that shows at D = 1e6. The copy runs
+keeps its best time, so that load from other processes on the machine hits all alike. Before each timed
+call: ``--settle`` seconds of untimed sleep, then one untimed call of the same routine. OpenBLAS's and
+torch's threads spin for a while after their call and, on a 2-core machine, took a core from the call
+after them (our K = 16, D = 1e7 Gram matrix: 33 ms right after the others' calls, 19 ms after a 50 ms
+rest); the untimed call then wakes the routine's own thread pool, as in a training loop where the step
+follows its library's backward pass (a cold XLA pool cost our two-phase step 2 ms at K = 16, D = 1e6,
+a one-call routine less), and leaves the gradients in cache where they fit, as after a backward pass,
+for every routine alike. The copy runs
 in place (its input buffer donated) and the product writes into one preallocated vector: a fresh
 buffer of more than glibc's 32 MiB mmap threshold page-faults its whole output on every call.
 
@@ -152,7 +155,7 @@ def bench_case(
     if xla_too:
         update_xla = compiled_update(tx, ours_in, state, native=False)
         runs["xla"] = lambda: jax.block_until_ready(update_xla(ours_in, state))
-    best = interleaved_best(runs, repeats, warm_up=True, settle=settle)
+    best = interleaved_best(runs, repeats, warm_up=True, settle=settle, rewarm=True)
     out_t = agg(jt).double().numpy()
     out_o = update(ours_in, state)
     if leaves is not None:
