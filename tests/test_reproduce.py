@@ -142,3 +142,23 @@ def test_default_rule(tool, tmp_path, gram_gain, expected):
     assert (diff["low"] > 0) == (gram_gain > 0.2) and (diff["high"] < 0) == (gram_gain < 0.2)
     line = next(x for x in (tmp_path / "out" / "reproduction.md").read_text().splitlines() if x.startswith("6. "))
     assert "the highest Composite of the other MARBLE settings is marble_gram's" in line and expected in line, line
+
+
+def test_report_counts_the_monitor_warnings(tool, tmp_path):
+    """The evaluation-only aesthetic falling by 1 (about 3 base standard deviations) trips the trainer's warning at
+    every seed's evaluation, and the report lists each (seed@step); a rising one trips none."""
+    gains = {"weighted_sum": 0.2, "marble_amortized": -1.0}
+    runs, archive = tmp_path / "runs", tmp_path / "archive"
+    plan = [(m, s) for s in range(2) for m in gains]
+    for method, seed in plan:
+        gain = {r: 0.2 for r in tool.REWARDS} | {"world_aesthetic": gains[method]}
+        fake_run(tool.run_dir(runs, method, seed), tool.COLUMNS, seed, gain, 0.0, 1.0)
+        tool.archive_run(tool.run_dir(runs, method, seed), tool.archive_path(archive, method, seed))
+    tool.write_report(tool.collect(archive, plan), tmp_path / "out", 10, n_resamples=199, planned=len(plan))
+    rows = json.loads((tmp_path / "out" / "reproduction.json").read_text())["rows"]
+    assert rows["weighted_sum"]["eval_only_warnings"] == []
+    warned = rows["marble_amortized"]["eval_only_warnings"]
+    assert [(w["seed"], w["step"], w["reward"]) for w in warned] == [(0, 10, "world_aesthetic"), (1, 10, "world_aesthetic")]
+    assert all(-4 < w["shift"] < -2.5 for w in warned)
+    report = (tmp_path / "out" / "reproduction.md").read_text()
+    assert "| 0@10, 1@10 |" in report and "| none |" in report

@@ -3,6 +3,7 @@
     python tools/reproduce_marble.py                      # every run missing, then docs/reproduction.{md,json} + PNGs
     python tools/reproduce_marble.py --train-only --budget-minutes 120     # one session's share of the study
     python tools/reproduce_marble.py --report-only        # the report of the runs finished so far
+    python tools/reproduce_marble.py --report-only --rearchive   # archive finished runs again first (new fields)
     python tools/reproduce_marble.py --seeds 3 --headline-seeds 5 --methods weighted_sum marble_amortized
 
 Every run is ``configs/k5.py`` at the world scale (five rewards, 8 prompts x 8 images per epoch, DPM-Solver-2
@@ -158,14 +159,15 @@ def run_dir(runs: Path, method: str, seed: int) -> Path:
 def summarize(workdir: Path) -> dict:
     """One finished run: held-out means and per-prompt scores at the last evaluation (and at step 0, the base), the
     curve of held-out means, the anti-aligned fraction, iterations per second, the reward-hacking monitors at the
-    end (the last five steps' mean) and the CPU time spent."""
+    end (the last five steps' mean), the evaluation-only rewards' shift from the base at every evaluation (what the
+    trainer's warning reads) and the CPU time spent."""
     evals = read_jsonl(workdir / "eval.jsonl")
     metrics = read_jsonl(workdir / "metrics.jsonl")
     measured = [m["anti_aligned"] for m in metrics if "anti_aligned" in m]
     times = [m["time/step_s"] for m in metrics[2:] if not m.get("diagnostics", 0)]
     last = metrics[-5:]
     monitor_keys = sorted({k for m in last for k in m if k.startswith("monitor/")})
-    cost = workdir / "cost.json"
+    cost, eval_only = workdir / "cost.json", defaults.EVAL_ONLY_REWARDS["world"]
     return {
         "held_out": {r: evals[-1][r] for r in COLUMNS},
         "per_prompt": statistics.per_prompt_scores(workdir),
@@ -179,6 +181,11 @@ def summarize(workdir: Path) -> dict:
         "eval_only_shift": {
             r: monitors.eval_only_shift(workdir, evals[-1]["step"], r) for r in defaults.EVAL_ONLY_REWARDS["world"]
         },
+        "eval_only_shift_curve": [
+            {"step": e["step"], **{r: monitors.eval_only_shift(workdir, e["step"], r) for r in eval_only}}
+            for e in evals
+            if e["step"] > 0
+        ],  # fmt: skip
         "cpu_s": json.loads(cost.read_text())["cpu_s"] if cost.is_file() else None,
     }
 
@@ -296,6 +303,7 @@ def analyse(rows: dict[str, dict[int, dict]], n_resamples: int) -> dict:
                 for r in defaults.EVAL_ONLY_REWARDS["world"]
                 if row != "base"
             },  # fmt: skip
+            "eval_only_warnings": eval_only_warnings(seeds),
         }
     pairs = {}
     for a, b in comparisons(rows):
@@ -308,6 +316,24 @@ def analyse(rows: dict[str, dict[int, dict]], n_resamples: int) -> dict:
             pair["Composite"] = interval_dict(statistics.composite_ci(diff, zero, n_resamples=n_resamples))
         pairs[f"{a} - {b}"] = pair
     return {"reference_scale": scale, "rows": out, "pairs": pairs}
+
+
+def eval_only_warnings(seeds: dict[int, dict]) -> list[dict] | None:
+    """The evaluations of a row's runs at which the trainer's reward-hacking warning tripped: an evaluation-only
+    reward below the base by more than ``config.monitors.eval_only_margin`` per-image standard deviations.
+    ``[{"seed", "step", "reward", "shift"}]``; None when no run of the row has the shifts per evaluation (runs
+    archived before they were kept: ``--rearchive`` adds them from the run directories)."""
+    margin = method_config(DEFAULT, 1, 0).monitors.eval_only_margin
+    curves = {s: run.get("eval_only_shift_curve") for s, run in seeds.items()}
+    if not any(curves.values()):
+        return None
+    return [
+        {"seed": s, "step": point["step"], "reward": r, "shift": point[r]}
+        for s, curve in curves.items()
+        for point in curve or []
+        for r in defaults.EVAL_ONLY_REWARDS["world"]
+        if point.get(r) is not None and point[r] < -margin
+    ]
 
 
 def verdict(interval: dict | None, seeds: int) -> str:
@@ -568,17 +594,20 @@ def write_report(rows: dict[str, dict[int, dict]], out: Path, epochs: int, n_res
     lines += ["", "## Reward-hacking monitors (marble_jax/monitors.py), mean over seeds", "",
               "Rollout image statistics over the last five steps (step 1: the base's rollouts); the evaluation-only",
               "aesthetic's shift from the base in base per-image standard deviations (the warning trips below -0.5);",
-              "the mean train-minus-held-out gap of the trained rewards.", "",
-              "| method | brightness | saturation | x0 norm / base | aesthetic shift (std) | mean gap |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+              "the mean train-minus-held-out gap of the trained rewards; the evaluations at which the warning tripped",
+              "(seed@step, over every seed's evaluations at steps 10, 20, 30).", "",
+              "| method | brightness | saturation | x0 norm / base | aesthetic shift (std) | mean gap | warnings |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
     for name, row in analysis["rows"].items():
         if name == "base":
             continue
         m = row["monitors"]
         gaps = [v for k, v in m.items() if k.startswith("monitor/gap/")]
         shift = row["eval_only_shift"].get("world_aesthetic", float("nan"))
+        warned = row["eval_only_warnings"]
+        warned = "n/a" if warned is None else ", ".join(f"{w['seed']}@{w['step']}" for w in warned) or "none"
         lines.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.3f}" for k in keys)
-                     + f" | {shift:+.2f} | {np.mean(gaps) if gaps else float('nan'):.3f} |")  # fmt: skip
+                     + f" | {shift:+.2f} | {np.mean(gaps) if gaps else float('nan'):.3f} | {warned} |")  # fmt: skip
     lines += ["", "## Per-seed rows", "",
               "| method | seed | " + " | ".join(_short(r) for r in COLUMNS) + " | Composite | CPU min |",
               "| --- | --- | " + " | ".join(["---:"] * (len(COLUMNS) + 2)) + " |"]  # fmt: skip
@@ -607,6 +636,7 @@ def main(argv: list[str] | None = None) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--train-only", action="store_true", help="train what is missing, write no report")
     mode.add_argument("--report-only", action="store_true", help="report the finished runs, train nothing")
+    parser.add_argument("--rearchive", action="store_true", help="archive again every finished run of --runs (new fields)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -614,7 +644,7 @@ def main(argv: list[str] | None = None) -> None:
     train.enable_compilation_cache(str(args.runs / "xla_cache" if args.compilation_cache is None else args.compilation_cache))
     for method, seed in plan:  # runs finished in --runs but not archived yet (a study stopped between the two)
         workdir, path = run_dir(args.runs, method, seed), archive_path(args.archive, method, seed)
-        if not path.is_file() and finished(workdir, args.epochs):
+        if (args.rearchive or not path.is_file()) and finished(workdir, args.epochs):
             archive_run(workdir, path)
     if not args.report_only:
         start = time.time()
