@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import load_tool
 
-from marble_jax import monitors, train
+from marble_jax import image_grid, monitors, train
 
 
 @pytest.fixture(scope="module")
@@ -146,19 +146,26 @@ def test_default_rule(tool, tmp_path, gram_gain, expected):
 
 def test_report_counts_the_monitor_warnings(tool, tmp_path):
     """The evaluation-only aesthetic falling by 1 (about 3 base standard deviations) trips the trainer's warning at
-    every seed's evaluation, and the report lists each (seed@step); a rising one trips none."""
+    every seed's evaluation, and the report lists each (seed@step); a rising one trips none. The sample sheets'
+    brightness drift is measured without their white grid lines."""
     gains = {"weighted_sum": 0.2, "marble_amortized": -1.0}
     runs, archive = tmp_path / "runs", tmp_path / "archive"
     plan = [(m, s) for s in range(2) for m in gains]
     for method, seed in plan:
         gain = {r: 0.2 for r in tool.REWARDS} | {"world_aesthetic": gains[method]}
-        fake_run(tool.run_dir(runs, method, seed), tool.COLUMNS, seed, gain, 0.0, 1.0)
-        tool.archive_run(tool.run_dir(runs, method, seed), tool.archive_path(archive, method, seed))
+        workdir = tool.run_dir(runs, method, seed)
+        fake_run(workdir, tool.COLUMNS, seed, gain, 0.0, 1.0)
+        for step, pixel in ((0, (100, 50, 50)), (10, (120, 60, 60) if method == "marble_amortized" else (100, 50, 50))):
+            images = np.broadcast_to(np.asarray(pixel, np.uint8), (4, 8, 8, 3))  # brighter, as saturated
+            image_grid.save_grid(images, workdir / "samples" / f"step_{step:06d}.png", cols=2)
+        tool.archive_run(workdir, tool.archive_path(archive, method, seed))
     tool.write_report(tool.collect(archive, plan), tmp_path / "out", 10, n_resamples=199, planned=len(plan))
     rows = json.loads((tmp_path / "out" / "reproduction.json").read_text())["rows"]
+    assert rows["marble_amortized"]["sheet_drift"] == pytest.approx({"brightness": 1.2, "saturation": 1.0}, rel=1e-3)
+    assert rows["weighted_sum"]["sheet_drift"] == pytest.approx({"brightness": 1.0, "saturation": 1.0})
     assert rows["weighted_sum"]["eval_only_warnings"] == []
     warned = rows["marble_amortized"]["eval_only_warnings"]
     assert [(w["seed"], w["step"], w["reward"]) for w in warned] == [(0, 10, "world_aesthetic"), (1, 10, "world_aesthetic")]
     assert all(-4 < w["shift"] < -2.5 for w in warned)
     report = (tmp_path / "out" / "reproduction.md").read_text()
-    assert "| 0@10, 1@10 |" in report and "| none |" in report
+    assert "| 0@10, 1@10 | +20% | +0% |" in report and "| none | +0% | +0% |" in report

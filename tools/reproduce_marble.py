@@ -156,11 +156,26 @@ def run_dir(runs: Path, method: str, seed: int) -> Path:
     return runs / method / f"seed_{seed}"
 
 
+def sheet_statistics(path: Path) -> dict[str, float] | None:
+    """Brightness and saturation (:mod:`marble_jax.monitors`) of an evaluation's sample sheet (``samples/step_<n>.png``:
+    the first held-out images, the same prompts and noise at every step), its white grid lines left out; None when
+    the sheet is missing."""
+    if not path.is_file():
+        return None
+    from PIL import Image
+
+    sheet = np.asarray(Image.open(path).convert("RGB"))
+    white = sheet.min(axis=-1) == 255
+    cells = sheet[~white.all(axis=1)][:, ~white.all(axis=0)][None]
+    return {"brightness": float(monitors.brightness(cells)[0]), "saturation": float(monitors.saturation(cells)[0])}
+
+
 def summarize(workdir: Path) -> dict:
     """One finished run: held-out means and per-prompt scores at the last evaluation (and at step 0, the base), the
     curve of held-out means, the anti-aligned fraction, iterations per second, the reward-hacking monitors at the
     end (the last five steps' mean), the evaluation-only rewards' shift from the base at every evaluation (what the
-    trainer's warning reads) and the CPU time spent."""
+    trainer's warning reads), the sample sheet's brightness and saturation at the last evaluation over step 0's
+    (:func:`sheet_statistics`: paired images, unlike the rollouts') and the CPU time spent."""
     evals = read_jsonl(workdir / "eval.jsonl")
     metrics = read_jsonl(workdir / "metrics.jsonl")
     measured = [m["anti_aligned"] for m in metrics if "anti_aligned" in m]
@@ -168,6 +183,7 @@ def summarize(workdir: Path) -> dict:
     last = metrics[-5:]
     monitor_keys = sorted({k for m in last for k in m if k.startswith("monitor/")})
     cost, eval_only = workdir / "cost.json", defaults.EVAL_ONLY_REWARDS["world"]
+    sheets = [sheet_statistics(workdir / "samples" / f"step_{e['step']:06d}.png") for e in (evals[0], evals[-1])]
     return {
         "held_out": {r: evals[-1][r] for r in COLUMNS},
         "per_prompt": statistics.per_prompt_scores(workdir),
@@ -186,6 +202,11 @@ def summarize(workdir: Path) -> dict:
             for e in evals
             if e["step"] > 0
         ],  # fmt: skip
+        "sheet_drift": (
+            {k: sheets[1][k] / sheets[0][k] if sheets[0][k] > 0 else float("nan") for k in sheets[0]}
+            if all(sheets) and evals[0]["step"] == 0
+            else None
+        ),
         "cpu_s": json.loads(cost.read_text())["cpu_s"] if cost.is_file() else None,
     }
 
@@ -304,6 +325,11 @@ def analyse(rows: dict[str, dict[int, dict]], n_resamples: int) -> dict:
                 if row != "base"
             },  # fmt: skip
             "eval_only_warnings": eval_only_warnings(seeds),
+            "sheet_drift": {
+                k: float(np.mean([run["sheet_drift"][k] for run in runs if run.get("sheet_drift")]))
+                for k in ("brightness", "saturation")
+                if any(run.get("sheet_drift") for run in runs)
+            },  # fmt: skip
         }
     pairs = {}
     for a, b in comparisons(rows):
@@ -595,9 +621,11 @@ def write_report(rows: dict[str, dict[int, dict]], out: Path, epochs: int, n_res
               "Rollout image statistics over the last five steps (step 1: the base's rollouts); the evaluation-only",
               "aesthetic's shift from the base in base per-image standard deviations (the warning trips below -0.5);",
               "the mean train-minus-held-out gap of the trained rewards; the evaluations at which the warning tripped",
-              "(seed@step, over every seed's evaluations at steps 10, 20, 30).", "",
-              "| method | brightness | saturation | x0 norm / base | aesthetic shift (std) | mean gap | warnings |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+              "(seed@step, over every seed's evaluations at steps 10, 20, 30); the evaluation sample sheet's brightness",
+              "and saturation at the end against step 0's (the same prompts and noise: the paired measure of drift).", "",
+              "| method | brightness | saturation | x0 norm / base | aesthetic shift (std) | mean gap | warnings | sheet "
+              "brightness | sheet saturation |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]  # fmt: skip
     for name, row in analysis["rows"].items():
         if name == "base":
             continue
@@ -606,8 +634,10 @@ def write_report(rows: dict[str, dict[int, dict]], out: Path, epochs: int, n_res
         shift = row["eval_only_shift"].get("world_aesthetic", float("nan"))
         warned = row["eval_only_warnings"]
         warned = "n/a" if warned is None else ", ".join(f"{w['seed']}@{w['step']}" for w in warned) or "none"
+        drift = " | ".join(f"{row['sheet_drift'][k] - 1:+.0%}" if k in row["sheet_drift"] else "n/a"
+                           for k in ("brightness", "saturation"))  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.3f}" for k in keys)
-                     + f" | {shift:+.2f} | {np.mean(gaps) if gaps else float('nan'):.3f} | {warned} |")  # fmt: skip
+                     + f" | {shift:+.2f} | {np.mean(gaps) if gaps else float('nan'):.3f} | {warned} | {drift} |")  # fmt: skip
     lines += ["", "## Per-seed rows", "",
               "| method | seed | " + " | ".join(_short(r) for r in COLUMNS) + " | Composite | CPU min |",
               "| --- | --- | " + " | ".join(["---:"] * (len(COLUMNS) + 2)) + " |"]  # fmt: skip
