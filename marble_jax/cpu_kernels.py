@@ -15,8 +15,9 @@ Build: on the first :func:`available` in a process, ``$CXX`` (default ``g++``) c
 :data:`FLAGS` and ``-I jax.ffi.include_dir()`` into a shared library in the cache directory ``$MARBLE_JAX_CACHE``
 (default ``~/.cache/marble_jax/ffi``), named by a hash of the source, the compiler and its version, the flags, the
 jaxlib version and the CPU (``-march=native``), so a changed source, compiler or machine builds anew. It is written
-under a temporary name and renamed into place, so concurrent processes never load a half-written library. The
-library is loaded with ctypes and its handlers registered as the FFI targets :data:`GRAM_TARGET` and
+under a temporary name and renamed into place, so concurrent processes never load a half-written library; after a
+build, the other builds not used for :data:`STALE_DAYS` days are removed (a build found in the cache is touched).
+The library is loaded with ctypes and its handlers registered as the FFI targets :data:`GRAM_TARGET` and
 :data:`COMBINE_TARGET` for the CPU, once per process.
 
 Fallback: no compiler, or a failed build or load, makes :func:`available` False with one logged warning naming the
@@ -36,6 +37,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -50,6 +52,7 @@ _SYMBOLS = {GRAM_TARGET: "MarbleGramF32", COMBINE_TARGET: "MarbleCombineF32"}
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cc"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17")
 DISABLE_ENV = "MARBLE_JAX_NATIVE_KERNELS"
+STALE_DAYS = 30  # other builds in the cache older than this are removed after a build (_prune)
 
 log = logging.getLogger(__name__)
 _register_lock = threading.Lock()
@@ -81,6 +84,10 @@ def _build(cxx: str) -> Path:
     directory = cache_dir()
     path = directory / f"cpu_kernels-{key.hexdigest()[:20]}.so"
     if path.exists():
+        try:
+            os.utime(path)  # used now: _prune keeps it
+        except OSError:  # a read-only cache
+            pass
         return path
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".cpu_kernels-", suffix=".so")
@@ -94,7 +101,22 @@ def _build(cxx: str) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _prune(directory, keep=path)
     return path
+
+
+def _prune(directory: Path, keep: Path) -> None:
+    """Removes the cache's other builds (``cpu_kernels-*.so``, and ``gram_cpu-*.so`` of earlier versions) not used
+    (built or found, :func:`_build`) for :data:`STALE_DAYS` days: each source, compiler or jaxlib change adds one
+    (about 150 kB). A process that has one loaded keeps it (the mapping outlives the file); a checkout that needs a
+    removed one builds it again."""
+    cutoff = time.time() - STALE_DAYS * 86400
+    for old in (*directory.glob("cpu_kernels-*.so"), *directory.glob("gram_cpu-*.so")):
+        try:
+            if old != keep and old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:  # removed meanwhile by another process, or not ours to remove
+            continue
 
 
 @functools.cache

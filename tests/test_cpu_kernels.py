@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -382,7 +383,27 @@ def test_build_is_cached(fresh_library):
     assert cpu_kernels.available()
     built = list(fresh_library.iterdir())
     assert len(built) == 1 and built[0].name.startswith("cpu_kernels-") and built[0].suffix == ".so"  # no temp file left
-    mtime = built[0].stat().st_mtime_ns
+    inode = built[0].stat().st_ino  # a rebuild renames a new file into place: another inode
     cpu_kernels._library.cache_clear()  # as a new process would
     assert cpu_kernels.available()
-    assert list(fresh_library.iterdir()) == built and built[0].stat().st_mtime_ns == mtime
+    assert list(fresh_library.iterdir()) == built and built[0].stat().st_ino == inode
+
+
+@needs_kernel
+def test_a_build_prunes_the_stale_builds_of_the_cache(fresh_library):
+    """After a build, other builds unused for STALE_DAYS days go (an earlier version's name too); recent ones and
+    other files stay; a build found in the cache is touched, so a library in use is never stale."""
+    old = time.time() - (cpu_kernels.STALE_DAYS + 1) * 86400
+    stale = [fresh_library / "cpu_kernels-0123456789abcdef0123.so", fresh_library / "gram_cpu-0123456789abcdef0123.so"]
+    kept = [fresh_library / "cpu_kernels-fedcba9876543210fedc.so", fresh_library / "notes.txt"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    for path in stale + [kept[1]]:
+        os.utime(path, (old, old))
+    assert cpu_kernels.available()
+    built = list(fresh_library.glob("cpu_kernels-*.so"))
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept) and len(built) == 2
+    new = next(p for p in built if p != kept[0])
+    os.utime(new, (old, old))
+    cpu_kernels._library.cache_clear()
+    assert cpu_kernels.available() and new.stat().st_mtime > time.time() - 3600  # found in the cache: touched
