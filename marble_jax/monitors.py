@@ -111,6 +111,12 @@ def scores_path(workdir: Path, step: int) -> Path:
     return Path(workdir) / "samples" / f"step_{step:06d}_scores.json"
 
 
+def sheet_path(workdir: Path, step: int) -> Path:
+    """Where the evaluator writes the sample sheet (a grid of the first held-out images) of its evaluation at
+    ``step``."""
+    return Path(workdir) / "samples" / f"step_{step:06d}.png"
+
+
 class Monitor:
     """The per-run state of the monitors (module doc): the base's references and the last held-out scores.
 

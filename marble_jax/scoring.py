@@ -19,7 +19,7 @@ import numpy as np
 
 from marble_jax import image_grid, sampling, sharding
 from marble_jax.experiment import Setup
-from marble_jax.monitors import Monitor, scores_path
+from marble_jax.monitors import Monitor, scores_path, sheet_path
 from marble_jax.prompts import Prompt
 
 PyTree = Any
@@ -101,7 +101,7 @@ class Evaluator:
         if jax.process_index() == 0:
             grid = image_grid.grid(images[: self.grid_images], cols=int(np.ceil(np.sqrt(self.grid_images))), scale=2)
             writer.write_images(step, {"samples": grid[None]})
-            image_grid.save_grid(images[: self.grid_images], Path(workdir) / "samples" / f"step_{step:06d}.png",
+            image_grid.save_grid(images[: self.grid_images], sheet_path(workdir, step),
                                  cols=int(np.ceil(np.sqrt(self.grid_images))), scale=2)  # fmt: skip
             with open(Path(workdir) / "eval.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **scores}) + "\n")

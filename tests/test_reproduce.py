@@ -157,7 +157,7 @@ def test_report_counts_the_monitor_warnings(tool, tmp_path):
         fake_run(workdir, tool.COLUMNS, seed, gain, 0.0, 1.0)
         for step, pixel in ((0, (100, 50, 50)), (10, (120, 60, 60) if method == "marble_amortized" else (100, 50, 50))):
             images = np.broadcast_to(np.asarray(pixel, np.uint8), (4, 8, 8, 3))  # brighter, as saturated
-            image_grid.save_grid(images, workdir / "samples" / f"step_{step:06d}.png", cols=2)
+            image_grid.save_grid(images, monitors.sheet_path(workdir, step), cols=2)
         tool.archive_run(workdir, tool.archive_path(archive, method, seed))
     tool.write_report(tool.collect(archive, plan), tmp_path / "out", 10, n_resamples=199, planned=len(plan))
     rows = json.loads((tmp_path / "out" / "reproduction.json").read_text())["rows"]

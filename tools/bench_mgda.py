@@ -33,7 +33,7 @@ in place (its input buffer donated) and the product writes into one preallocated
 buffer of more than glibc's 32 MiB mmap threshold page-faults its whole output on every call.
 
 ``call ms``: a jitted function that takes the same arrays and returns as many, doing nothing else: what calling
-any jitted function on them costs from Python (0.05 ms on one array, 0.4 ms on a tree of 200 leaves: flattening,
+any jitted function on them costs from Python (0.01 ms on one array, 0.4-1.7 ms on a tree of 200 leaves: flattening,
 argument checks, one result buffer per leaf), paid by ours but by no routine that takes one matrix, and not paid
 inside a jitted training step. ``step/floor``: ours less that cost, over the floor.
 

@@ -183,7 +183,9 @@ def summarize(workdir: Path) -> dict:
     last = metrics[-5:]
     monitor_keys = sorted({k for m in last for k in m if k.startswith("monitor/")})
     cost, eval_only = workdir / "cost.json", defaults.EVAL_ONLY_REWARDS["world"]
-    sheets = [sheet_statistics(workdir / "samples" / f"step_{e['step']:06d}.png") for e in (evals[0], evals[-1])]
+    sheets = [sheet_statistics(monitors.sheet_path(workdir, e["step"])) for e in (evals[0], evals[-1])]
+    shifts = [{"step": e["step"], **{r: monitors.eval_only_shift(workdir, e["step"], r) for r in eval_only}}
+              for e in evals if e["step"] > 0]  # fmt: skip
     return {
         "held_out": {r: evals[-1][r] for r in COLUMNS},
         "per_prompt": statistics.per_prompt_scores(workdir),
@@ -194,14 +196,8 @@ def summarize(workdir: Path) -> dict:
         "base": {r: evals[0][r] for r in COLUMNS} if evals[0]["step"] == 0 else None,
         "base_per_prompt": statistics.per_prompt_scores(workdir, 0) if evals[0]["step"] == 0 else None,
         "monitors": {k: float(np.mean([m[k] for m in last if k in m])) for k in monitor_keys},
-        "eval_only_shift": {
-            r: monitors.eval_only_shift(workdir, evals[-1]["step"], r) for r in defaults.EVAL_ONLY_REWARDS["world"]
-        },
-        "eval_only_shift_curve": [
-            {"step": e["step"], **{r: monitors.eval_only_shift(workdir, e["step"], r) for r in eval_only}}
-            for e in evals
-            if e["step"] > 0
-        ],  # fmt: skip
+        "eval_only_shift": {r: shifts[-1][r] for r in eval_only},
+        "eval_only_shift_curve": shifts,
         "sheet_drift": (
             {k: sheets[1][k] / sheets[0][k] if sheets[0][k] > 0 else float("nan") for k in sheets[0]}
             if all(sheets) and evals[0]["step"] == 0
@@ -296,6 +292,7 @@ def analyse(rows: dict[str, dict[int, dict]], n_resamples: int) -> dict:
     def matrices(row: str, seeds: list[int]) -> dict[str, np.ndarray]:
         return {r: np.stack([rows[row][s]["per_prompt"][r] for s in seeds]) for r in COLUMNS}
 
+    margin = method_config(DEFAULT, 1, 0).monitors.eval_only_margin  # the trainer's warning threshold
     out = {}
     for row, seeds in rows.items():
         logging.info("statistics of %s (%d seeds)", row, len(seeds))
@@ -324,7 +321,7 @@ def analyse(rows: dict[str, dict[int, dict]], n_resamples: int) -> dict:
                 for r in defaults.EVAL_ONLY_REWARDS["world"]
                 if row != "base"
             },  # fmt: skip
-            "eval_only_warnings": eval_only_warnings(seeds),
+            "eval_only_warnings": eval_only_warnings(seeds, margin),
             "sheet_drift": {
                 k: float(np.mean([run["sheet_drift"][k] for run in runs if run.get("sheet_drift")]))
                 for k in ("brightness", "saturation")
@@ -344,12 +341,11 @@ def analyse(rows: dict[str, dict[int, dict]], n_resamples: int) -> dict:
     return {"reference_scale": scale, "rows": out, "pairs": pairs}
 
 
-def eval_only_warnings(seeds: dict[int, dict]) -> list[dict] | None:
+def eval_only_warnings(seeds: dict[int, dict], margin: float) -> list[dict] | None:
     """The evaluations of a row's runs at which the trainer's reward-hacking warning tripped: an evaluation-only
-    reward below the base by more than ``config.monitors.eval_only_margin`` per-image standard deviations.
+    reward below the base by more than ``margin`` (``config.monitors.eval_only_margin``) per-image standard deviations.
     ``[{"seed", "step", "reward", "shift"}]``; None when no run of the row has the shifts per evaluation (runs
     archived before they were kept: ``--rearchive`` adds them from the run directories)."""
-    margin = method_config(DEFAULT, 1, 0).monitors.eval_only_margin
     curves = {s: run.get("eval_only_shift_curve") for s, run in seeds.items()}
     if not any(curves.values()):
         return None
