@@ -17,6 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from marble_jax import cpu_memory
 from marble_jax.checkpoint import quiet_orbax_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file (append :sd35 for the paper's scale)")
@@ -28,6 +29,12 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.ini
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (with --distributed)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (with --distributed)")
+_KEEP_FREED = flags.DEFINE_bool(
+    "keep_freed_cpu_memory",
+    True,
+    "on the CPU backend, keep freed buffers in the process heap for reuse (marble_jax.cpu_memory): a buffer over "
+    "32 MiB otherwise faults its whole size in again at every step",
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -45,6 +52,8 @@ def main(argv: list[str]) -> None:
     quiet_orbax_logs()
     if _DISTRIBUTED.value:
         initialize_distributed()
+    if _KEEP_FREED.value and jax.default_backend() == "cpu" and cpu_memory.keep_freed_memory():
+        logging.info("CPU backend: freed buffers are kept for reuse (--nokeep_freed_cpu_memory returns them)")
     from marble_jax import experiment, run_log, train
 
     config = _CONFIG.value

@@ -225,7 +225,7 @@ def test_sigterm_saves_and_kill9_resumes(reference, tmp_path):
     # SIGTERM after the first step: the trainer saves and exits cleanly.
     cache = f"--config.compilation_cache_dir={tmp_path / 'xla'}"  # kept across the three processes
     proc = _main(tmp_path, world, cache)
-    _wait_for(proc, "1/4")
+    assert "freed buffers are kept for reuse" in _wait_for(proc, "1/4")  # marble_jax.cpu_memory, on the CPU
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]

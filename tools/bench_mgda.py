@@ -1,7 +1,7 @@
 """Our jitted ``mgda_weights`` update against torchjd's MGDA on the same [K, D] Jacobian.
 
     python tools/bench_mgda.py [--ks 5,16] [--ds 1e6,1e7] [--repeats 10] [--tree | --no-flat --tree] [--leaves 200]
-                               [--no-native] [--settle 0.02]
+                               [--no-native] [--settle 0.15] [--fresh-pages]
 
 Both aggregate K gradients of D parameters into one vector: the Gram matrix, the min-norm
 weights, the weighted sum. Printed: time of each, their ratio, the floor and our time over it, our
@@ -23,23 +23,29 @@ that figure, kept in the last column, is a bound no two-pass method can reach.
 Timing: each repeat runs ours, torchjd, the copy and the matrix-vector product back to back, and each
 keeps its best time, so that load from other processes on the machine hits all alike. Before each timed
 call: ``--settle`` seconds of untimed sleep, then one untimed call of the same routine. OpenBLAS's and
-torch's threads spin for a while after their call and, on a 2-core machine, took a core from the call
-after them (our K = 16, D = 1e7 Gram matrix: 33 ms right after the others' calls, 19 ms after a 50 ms
-rest); the untimed call then wakes the routine's own thread pool, as in a training loop where the step
-follows its library's backward pass (a cold XLA pool cost our two-phase step 2 ms at K = 16, D = 1e6,
-a one-call routine less), and leaves the gradients in cache where they fit, as after a backward pass,
-for every routine alike. The copy runs
-in place (its input buffer donated) and the product writes into one preallocated vector: a fresh
-buffer of more than glibc's 32 MiB mmap threshold page-faults its whole output on every call.
+torch's threads spin for a while after their call (OpenBLAS's for up to 2^28 TSC cycles, its default
+THREAD_TIMEOUT: 0.1 s at 2.6 GHz) and, on a 2-core machine, took a core from the call after them (our
+K = 16, D = 1e7 Gram matrix: 33 ms right after the others' calls, 19 ms after a 50 ms rest; at K = 16,
+D = 1e6 ours 5.5 ms after a 20 ms rest, 5.0 after 150 ms, and the read 2.0 against 1.8); the untimed
+call then wakes the routine's own thread pool, as in a training loop where the step follows its
+library's backward pass (a cold XLA pool cost our two-phase step 2 ms at K = 16, D = 1e6, a one-call
+routine less), and leaves the gradients in cache where they fit, as after a backward pass, for every
+routine alike. The copy runs in place (its input buffer donated) and the product writes into one
+preallocated vector, so that neither pays for a fresh result (see Memory below).
 
 ``call ms``: a jitted function that takes the same arrays and returns as many, doing nothing else: what calling
-any jitted function on them costs from Python (0.01 ms on one array, 0.4-1.7 ms on a tree of 200 leaves: flattening,
+any jitted function on them costs from Python (0.01 ms on one array, 0.4-1.9 ms on a tree of 200 leaves: flattening,
 argument checks, one result buffer per leaf), paid by ours but by no routine that takes one matrix, and not paid
 inside a jitted training step. ``step/floor``: ours less that cost, over the floor.
 
 ``--tree``: a second table on a LoRA-like pytree of ``--leaves`` leaves of four shapes (rank 16 times
 h and 4h, both orientations) totalling about D: ours takes the tree, torchjd the same gradients
 concatenated into one [K, D] matrix (the concatenation not timed; torchjd's MGDA takes a matrix).
+
+Memory: as the trainer does on the CPU (``marble_jax.cpu_memory.keep_freed_memory``), the process's freed buffers
+are kept for reuse, for every routine alike; ``--fresh-pages`` leaves glibc's default, under which each result over
+32 MiB (ours at D = 1e7, torchjd's too) is a fresh mapping that faults its whole size in at every call (K = 5, D = 1e7:
+ours 11.0 against 7.3 ms for the combination alone), a cost the floor's preallocated reads never pay.
 
 Ours runs the native CPU kernels of ``mgda.gram_matrix`` and ``mgda.combine`` when
 ``marble_jax.cpu_kernels.available()`` (printed first); ``--no-native``: also ours with them disabled (XLA's
@@ -60,7 +66,7 @@ import torch
 from bench_balance import interleaved_best  # tools/ is this script's directory
 from torchjd.aggregation import MGDA
 
-from marble_jax import cpu_kernels, mgda
+from marble_jax import cpu_kernels, cpu_memory, mgda
 
 
 def inplace_copy(nbytes: int):
@@ -191,8 +197,11 @@ def main():
     parser.add_argument("--no-flat", action="store_true", help="skip the flat [K, D] table")
     parser.add_argument("--leaves", type=int, default=200)
     parser.add_argument("--no-native", action="store_true", help="also time ours without the native CPU kernels (XLA's path)")
-    parser.add_argument("--settle", type=float, default=0.02, help="seconds of untimed sleep before each timed call")
+    parser.add_argument("--settle", type=float, default=0.15, help="seconds of untimed sleep before each timed call")
+    parser.add_argument("--fresh-pages", action="store_true", help="leave glibc's default: results over 32 MiB fault in anew")
     args = parser.parse_args()
+    kept = not args.fresh_pages and cpu_memory.keep_freed_memory()
+    print(f"freed buffers {'kept for reuse' if kept else 'returned (fresh pages for large results)'}")
     print(f"native CPU kernels: {'on' if cpu_kernels.available() else 'off'}")
     rate = gemm_rate(args.repeats)
     header = ("K", "D", "torchjd ms", "ours ms", "speed-up", "read ms", "floor ms", "ours/floor", "call ms",
