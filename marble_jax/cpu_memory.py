@@ -4,7 +4,8 @@ XLA's CPU client allocates every buffer with the C library's ``malloc``. glibc s
 threshold (dynamic, at most 32 MiB) with a fresh mapping and unmaps it on ``free``, so every step that produces a
 buffer over 32 MiB faults its whole size in again, the kernel zeroing each page first. On a 2-core EPYC VM, a jitted
 ``zeros([1e7]) + c`` (40 MB) took 15 ms that way against 1.8 ms when the memory is reused, and the MGDA step's
-combination of 5 x 1e7 gradients 11.0 ms against 7.3 ms (``tools/bench_mgda.py``, which runs both ways).
+combination of 5 x 1e7 gradients alone 11.0 ms against 7.3 ms (``tools/bench_mgda.py`` times the whole step with
+the memory kept, and with ``--fresh-pages`` the default way).
 
 :func:`keep_freed_memory` raises both glibc thresholds (``mallopt``), so that large buffers come from the heap and
 freed ones are reused, never unmapped: the process's resident size then stays at its peak, which a training process
