@@ -227,7 +227,7 @@ def test_bench_gpu_smoke(capsys):
     table = [line.split() for line in out.splitlines() if line.strip().startswith(("weighted_sum ", "marble_gram "))]
     assert [row[0] for row in table] == ["weighted_sum", "marble_gram"] and float(table[0][2]) == 1.0
     assert all(float(row[1]) > 0 for row in table)
-    assert "attention fwd+bwd: einsum" in out and "images/s" in out
+    assert "attention fwd+bwd: einsum" in out and "images/s" in out and "FAILED" not in out
 
 
 def test_full_finetuning_refuses_a_lora_adapter():
