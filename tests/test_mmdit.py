@@ -28,6 +28,7 @@ from safetensors.numpy import load_file, save_file
 
 from marble_jax.models import embeddings, mmdit
 from marble_jax.models.convert import load_mmdit
+from marble_jax.models.functional import random_params
 from marble_jax.models.sd3_configs import SD3_MEDIUM_TRANSFORMER, SD35_LARGE_TRANSFORMER, SD35_MEDIUM_TRANSFORMER
 from marble_jax.models.weights import WeightError, plan_by_path
 
@@ -304,3 +305,26 @@ def test_bf16_compute_stays_close(torch_model_dir, loaded):
     assert err < 5e-2, err
     _, params16 = load_mmdit(torch_model_dir[1], dtype=jnp.bfloat16)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b.astype(jnp.bfloat16)), params16, loaded[1])
+
+
+@pytest.mark.parametrize("per_leaf", [False, True])
+def test_random_params_draw_each_leaf_from_its_initialiser(per_leaf):
+    """Both paths of ``random_params`` (one sliced draw; per-leaf draws, the accelerator's) give kernels N(0, 1/fan-in),
+    embeddings N(0, 1/D), zero biases and unit scales, with distinct values in leaves of one shape. Sample standard
+    deviations over n >= 2048 values have a relative standard error of 1/sqrt(2n) < 1.6%: the bound is 6 of them."""
+    sds = jax.ShapeDtypeStruct
+    abstract = {
+        "a": {"kernel": sds((64, 32), jnp.float32), "bias": sds((32,), jnp.float32)},
+        "b": {"kernel": sds((64, 32), jnp.float32), "scale": sds((32,), jnp.bfloat16)},
+        "conv": {"kernel": sds((3, 3, 16, 64), jnp.bfloat16)},
+        "table": {"embedding": sds((100, 24), jnp.float32)},
+    }
+    params = random_params(abstract, jax.random.key(3), per_leaf=per_leaf)
+    assert jax.tree.map(lambda p: (p.shape, p.dtype), params) == jax.tree.map(lambda a: (a.shape, a.dtype), abstract)
+    for leaf, fan in ((params["a"]["kernel"], 64), (params["b"]["kernel"], 64), (params["conv"]["kernel"], 144),
+                      (params["table"]["embedding"], 24)):  # fmt: skip
+        values = np.asarray(leaf, np.float64)
+        assert abs(values.mean()) < 6 / np.sqrt(fan * values.size)
+        assert abs(values.std() * np.sqrt(fan) - 1) < 6 / np.sqrt(2 * values.size)
+    assert not np.allclose(params["a"]["kernel"], params["b"]["kernel"])
+    assert np.all(np.asarray(params["a"]["bias"]) == 0) and np.all(np.asarray(params["b"]["scale"], np.float32) == 1)

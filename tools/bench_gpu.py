@@ -202,9 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     transformer, vae_config = (TINY_TRANSFORMER, TINY_VAE) if args.tiny else (SD35_MEDIUM_TRANSFORMER, SD3_VAE)
     setup = experiment.abstract_sd3_setup(config, transformer)
     k_base, k_vae, k_run = jax.random.split(jax.random.key(0), 3)
-    base = jax.jit(lambda key: random_params(setup.base_params, key))(k_base)  # drawn on the device
+    base = random_params(setup.base_params, k_base, per_leaf=True)  # drawn on the device
     _, decode_fn, vae_abstract = vae.from_config(vae_config, key=None, dtype=jnp.bfloat16)
-    vae_params = jax.jit(lambda key: random_params(vae_abstract, key))(k_vae)
+    vae_params = random_params(vae_abstract, k_vae, per_leaf=True)
     setup = dataclasses.replace(
         setup, base_params=base, decode_fn=functools.partial(decode_images, decode_fn), decode_params=vae_params
     )

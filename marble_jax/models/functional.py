@@ -66,13 +66,19 @@ def abstract_module(build: Callable[[nnx.Rngs], M]) -> M:
     return nnx.eval_shape(lambda: build(_ConstantKey()))
 
 
-def random_params(abstract: PyTree, key: jax.Array) -> PyTree:
+def random_params(abstract: PyTree, key: jax.Array, *, per_leaf: bool = False) -> PyTree:
     """Random parameters shaped like ``abstract`` (a pure dict of ``ShapeDtypeStruct`` or arrays).
 
     By leaf name: ``kernel`` ``N(0, 1 / fan_in)`` (fan-in = all axes but the last), ``embedding``
     ``[N, D]`` ``N(0, 1 / D)``, ``bias`` 0, ``scale`` 1. One normal draw for all random leaves,
     sliced on the host (or traced, under ``jax.jit`` / ``jax.eval_shape``): per-leaf draws, or one
     XLA program with an output per leaf, take seconds to tens of seconds to compile on CPU.
+
+    ``per_leaf=True`` (called eagerly) draws each random leaf on the default device from
+    ``fold_in(key, leaf index)``, compiled once per distinct shape: the way on an accelerator, where
+    the single jitted draw of SD3.5-M (2.2B values sliced into 908 leaves) had not compiled after
+    9 minutes on an H200, and the host path moves every value across twice. Other values than the
+    single draw's, from the same distributions.
 
     Raises:
       ValueError: for a leaf with another name.
@@ -83,13 +89,24 @@ def random_params(abstract: PyTree, key: jax.Array) -> PyTree:
     if unknown:
         raise ValueError(f"random_params: no initialiser for parameters named {unknown}")
     sizes = [int(np.prod(leaf.shape)) if n in ("kernel", "embedding") else 0 for n, (_, leaf) in zip(names, leaves, strict=True)]
+    fans = [
+        leaf.shape[-1] if n == "embedding" else size // max(leaf.shape[-1], 1)
+        for n, size, (_, leaf) in zip(names, sizes, leaves, strict=True)
+    ]
+    if per_leaf:
+        values = [
+            (jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32) / math.sqrt(fan)).astype(leaf.dtype)
+            if size
+            else (jnp.ones if name == "scale" else jnp.zeros)(leaf.shape, leaf.dtype)
+            for i, (name, size, fan, (_, leaf)) in enumerate(zip(names, sizes, fans, leaves, strict=True))
+        ]
+        return jax.tree.unflatten(jax.tree.structure(abstract), values)
     noise = jax.random.normal(key, (sum(sizes),), jnp.float32)
     xp = jnp if isinstance(noise, jax.core.Tracer) else np
     noise = xp.asarray(noise)
     values, offset = [], 0
-    for name, size, (_, leaf) in zip(names, sizes, leaves, strict=True):
+    for name, size, fan, (_, leaf) in zip(names, sizes, fans, leaves, strict=True):
         if size:
-            fan = leaf.shape[-1] if name == "embedding" else size // leaf.shape[-1]
             values.append((noise[offset : offset + size].reshape(leaf.shape) / math.sqrt(fan)).astype(leaf.dtype))
             offset += size
         else:
