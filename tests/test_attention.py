@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from helpers import F32_EPS
 
-from marble_jax.models.attention import IMPLEMENTATIONS, attention, choose_implementation, cudnn_unsupported
+from marble_jax.models.attention import (
+    IMPLEMENTATIONS,
+    attention,
+    choose_implementation,
+    cudnn_unsupported,
+    even_length_attention,
+)
 
 B, LQ, LK, H, D = 2, 5, 7, 3, 8
 BF16_EPS = float(jnp.finfo(jnp.bfloat16).eps)  # 2^-7: bf16 keeps 8 significant bits, rounding <= 2^-9 relative
@@ -120,6 +126,39 @@ def test_bfloat16_implementations_match_float64(case):
         assert e <= BF16_EPS, (impl, e)
         outs[impl] = np.asarray(out, np.float64)
     assert err(outs["xla"], outs["einsum"], v) <= 2 * BF16_EPS
+
+
+@pytest.mark.parametrize("lengths", [(5, 7), (5, 5), (6, 7), (7, 6)], ids=str)
+def test_odd_lengths_padded_to_even_give_the_unpadded_attention_and_gradients(lengths):
+    """The cuDNN path's padding (:func:`even_length_attention`), run through XLA here: one zero token where a length is
+    odd, the padded key masked by ``key_value_seq_lengths``, the padded query's row dropped. Output against float64
+    within :func:`float32_bound`; q, k, v gradients of ``sum(out * w)`` against the unpadded einsum path's within
+    ``4 (D + Lk + 4) u`` of the largest gradient (each path's float32 error is at most twice the logits' ``(D + 2) u``
+    plus the ``(Lk + 2) u`` of the softmax sums, and they differ by at most both). A padded key left unmasked adds a
+    zero logit to every row: an error of O(1 / Lk)."""
+    lq, lk = lengths
+    x = make_inputs()
+    q, k, v = x["q"][:, :lq], x["k"][:, :lk], x["v"][:, :lk]
+    if lq > LQ:
+        q = np.concatenate([q, x["k"][:, : lq - LQ]], axis=1)
+    w = np.random.default_rng(5).standard_normal((B, lq, H, D)).astype(np.float32)
+    scale = D**-0.5
+
+    def padded(q, k, v):
+        return even_length_attention(q, k, v, scale=scale, implementation="xla")
+
+    def plain(q, k, v):
+        return attention(q, k, v, implementation="einsum")
+
+    assert ("pad" in str(jax.make_jaxpr(padded)(q, k, v))) == bool(lq % 2 or lk % 2)
+    out = jax.jit(padded)(q, k, v)
+    assert out.shape == (B, lq, H, D)
+    assert err(out, reference(q, k, v), v) <= float32_bound(q, k)
+    grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * w), argnums=(0, 1, 2)))(q, k, v) for f in (padded, plain)]
+    u = F32_EPS / 2
+    for ours, ref in zip(*grads, strict=True):
+        scale_of = float(np.max(np.abs(ref)))
+        assert float(np.max(np.abs(ours - ref))) <= 4 * (D + lk + 4) * u * scale_of
 
 
 def test_auto_choice_for_gpu_inputs():

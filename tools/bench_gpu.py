@@ -1,6 +1,6 @@
 """The SD3.5-M training epoch's pieces on one accelerator, with random weights, side by side in one run.
 
-    python tools/bench_gpu.py                 # SD3.5-M at 512 px, bf16 (sized for < 8 minutes on one H200; not yet run on one)
+    python tools/bench_gpu.py                 # SD3.5-M at 512 px, bf16 (sized for < 8 minutes on one H200)
     python tools/bench_gpu.py --tiny          # a tiny MMDiT at 64 px: the CPU smoke test of this script
 
 Rows:
@@ -17,7 +17,13 @@ Rows:
 
 It imports only what an accelerator image has (jax, flax, optax, numpy, orbax) plus ml_collections, a small
 pure-Python wheel to carry where the image lacks it (``pip download --no-deps ml_collections -d .whl``, then
-``pip install --no-deps --target /tmp/site .whl/*.whl`` there): no clu, tensorflow or torch.
+``pip install --no-deps --target /tmp/site .whl/*.whl`` there): no clu, tensorflow or torch. Use the image's
+flax: flax 0.12.8, our CPU pin, does not import under jax 0.11 (``jax.experimental.hijax`` has no
+``HiPrimitive``).
+
+Each row runs guarded: one that fails prints its error and the next runs. On an H200 (2026-12-04) the set-up,
+the bf16 matrix product and the rollout took 63 s together; the update and attention rows failed on cuDNN's
+refusal of odd sequence lengths under a gradient, which ``attention`` now pads around.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ When cuDNN applies (:func:`cudnn_unsupported`; the checks of jax 0.10's
   axes; its batch and head axes may be 1), with ``Lq`` and ``Lk`` even (cuDNN's backward with a bias
   needs even lengths; auto cannot know whether a gradient follows, so it asks for it always).
 
+Without a bias or mask, odd lengths are padded to even on the cuDNN path (:func:`even_length_attention`):
+jax's cuDNN check refuses odd lengths under a gradient even then, and SD3.5's joint sequence is odd at the
+sizes it trains (1024 image + 205 or 333 text tokens at 512 px).
+
 SD3.5's MMDiT (bf16 compute, 64-wide heads, no bias or mask) takes cuDNN; the VAE's single 512-wide
 head and any float32 attention take XLA. On the cuDNN path a bias is cast to q's dtype and a mask
 becomes a large negative bias in that dtype (as jax does); the einsum and XLA paths add it in float32.
@@ -107,6 +111,36 @@ def choose_implementation(
     return "xla"
 
 
+def even_length_attention(q: Array, k: Array, v: Array, *, scale: float, implementation: str = "cudnn") -> Array:
+    """``jax.nn.dot_product_attention`` (no bias or mask) with ``Lq`` and ``Lk`` padded to even lengths.
+
+    jax's cuDNN path refuses odd sequence lengths whenever a gradient is taken, with or without a bias:
+    ``check_is_flash_attention`` (``jax/_src/cudnn/fused_attention_stablehlo.py``, jax 0.10 and 0.11) is
+    handed a placeholder array for an absent bias and counts it as a bias. The SD3.5-M update failed so on
+    an H200 at 1229 tokens. Where a length is odd, q, k and v get one zero token at the end; the padded key
+    is masked out through ``key_value_seq_lengths`` and the padded query's output row is dropped, so the
+    result is that of the unpadded inputs. ``implementation="xla"`` runs the same calls on any backend.
+
+    Args:
+      q: ``[B, Lq, H, D]``; k, v: ``[B, Lk, H, D]``.
+
+    Returns:
+      ``[B, Lq, H, D]``.
+    """
+    lq, lk = q.shape[1], k.shape[1]
+    if lq % 2 == 0 and lk % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+
+    def pad(x: Array, length: int) -> Array:
+        return jnp.pad(x, ((0, 0), (0, length % 2), (0, 0), (0, 0)))
+
+    lengths = jnp.full((q.shape[0],), lk, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        pad(q, lq), pad(k, lk), pad(v, lk), scale=scale, key_value_seq_lengths=lengths, implementation=implementation
+    )
+    return out[:, :lq]
+
+
 def attention(
     q: Array,
     k: Array,
@@ -157,6 +191,8 @@ def attention(
             if reason is not None:
                 raise ValueError(f"attention: implementation='cudnn' cannot run here: {reason}")
     if implementation == "cudnn":
+        if bias is None and mask is None:
+            return even_length_attention(q, k, v, scale=scale)
         bias = None if bias is None else bias.astype(q.dtype)
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn")
     if implementation == "xla":
