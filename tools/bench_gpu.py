@@ -3,16 +3,18 @@
     python tools/bench_gpu.py                 # SD3.5-M at 512 px, bf16 (sized for < 8 minutes on one H200)
     python tools/bench_gpu.py --tiny          # a tiny MMDiT at 64 px: the CPU smoke test of this script
 
-Rows:
+Rows, in the order they run:
 
-* the trainer's update (``train.jit_train_step``, the program ``train.run`` compiles) of ``weighted_sum``,
-  ``marble`` (a solve, K = 5), ``marble_amortized`` at N = 10 (one solve and nine cached steps: ``(t_solve + 9
-  t_cached) / 10``) and ``marble_gram``, on an epoch of ``--batch`` samples x ``--timesteps`` trained timesteps in
-  micro-batches of ``--train-batch``: median seconds, the ratio to the weighted sum (its time over theirs), MFU
-  (``throughput.jaxpr_flops`` over the time and the device's bf16 peak), and peak device memory
-  (``device.memory_stats()``, the process's high-water mark so far) with XLA's temporaries for the program;
+* the bf16 8192^3 matrix product's rate, the ceiling measured on this device (MFU is against the datasheet peak);
 * attention at the MMDiT's shapes (joint image + text tokens, 24 heads of 64, bf16, forward and backward): cuDNN
   flash against XLA on a GPU (einsum against XLA elsewhere);
+* the trainer's update (``train.jit_train_step``, the program ``train.run`` compiles) of ``weighted_sum``,
+  ``marble_gram`` and ``marble_amortized`` at N = 10 (one solve and nine cached steps: ``(t_solve + 9
+  t_cached) / 10``), then the rollout below, then ``marble`` (a solve, K = 5, not in the acceptance), on an
+  epoch of ``--batch`` samples x ``--timesteps`` trained timesteps in micro-batches of ``--train-batch``: median
+  seconds, the ratio to the weighted sum (its time over theirs), MFU
+  (``throughput.jaxpr_flops`` over the time and the device's bf16 peak), and peak device memory
+  (``device.memory_stats()``, the process's high-water mark so far) with XLA's temporaries for the program;
 * a ``--num-steps``-step DPM-2 rollout of ``--rollout-batch`` images, the SD3 VAE decode included, in images/s.
 
 It imports only what an accelerator image has (jax, flax, optax, numpy, orbax) plus ml_collections, a small
