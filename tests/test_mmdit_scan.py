@@ -222,3 +222,41 @@ def test_compiled_program_does_not_grow_with_depth_when_scanned():
     assert unrolled[4][1] >= 4 * per_block_dots
     assert unrolled[8][0] >= 1.4 * unrolled[4][0]
     assert scanned[8][0] - scanned[4][0] < 0.15 * (unrolled[8][0] - unrolled[4][0])
+
+
+def test_cudnn_path_pads_odd_joint_sequences_in_the_model(monkeypatch):
+    """The model's cuDNN path, emulated on CPU: ``jax.nn.dot_product_attention(implementation="cudnn")`` is replaced
+    by XLA's kernel behind jax's cuDNN rule under a gradient, even lengths only (the H200 failure: 1229 tokens), with
+    float32 compute admitted. The joint sequence here is 6 image + 3 text = 9 tokens, odd. Scanned with remat "dots",
+    the velocity, the parameter gradient and the K = 3 per-objective vjp (vmapped over cotangents, as marble mode
+    takes it) match the XLA build's within FWD_TOL / GRAD_TOL: the padded key adds an exact zero to each softmax sum,
+    so only a changed summation order separates them."""
+    from marble_jax.models import attention as attention_module
+
+    real = jax.nn.dot_product_attention
+    lengths = []
+
+    def cudnn_as_xla(q, k, v, *args, implementation=None, **kwargs):
+        if implementation == "cudnn":
+            if q.shape[1] % 2 or k.shape[1] % 2:
+                raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}, KV {k.shape[1]}.")
+            lengths.append(k.shape[1])
+            implementation = "xla"
+        return real(q, k, v, *args, implementation=implementation, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_as_xla)
+    monkeypatch.setattr(attention_module, "_backend", lambda: "cuda")
+    monkeypatch.setattr(attention_module, "cudnn_unsupported", lambda *args, **kwargs: None)
+    cotangents = np.random.default_rng(4).standard_normal((3, *WEIGHTS.shape)).astype(np.float32)
+
+    def run(impl: str):
+        apply_fn = mmdit.from_config(CONFIG, key=None, remat="dots", scan_blocks=True, attention=impl)[0]
+        velocity, vjp = jax.vjp(lambda p: apply_fn(p, *make_inputs()), params())
+        grad = jax.grad(lambda p: jnp.sum(apply_fn(p, *make_inputs()) * WEIGHTS))(params())
+        return velocity, grad, jax.vmap(vjp)(cotangents)[0]
+
+    padded, plain = run("cudnn"), run("xla")
+    assert set(lengths) == {10, 6}  # the joint 9 padded to 10; the dual blocks' image-only attention, 6
+    assert rel_err(padded[0], plain[0]) <= FWD_TOL
+    assert tree_error(padded[1], plain[1]) <= GRAD_TOL
+    assert tree_error(padded[2], plain[2]) <= GRAD_TOL
