@@ -161,6 +161,59 @@ def test_odd_lengths_padded_to_even_give_the_unpadded_attention_and_gradients(le
         assert float(np.max(np.abs(ours - ref))) <= 4 * (D + lk + 4) * u * scale_of
 
 
+@pytest.mark.parametrize("lengths", [(5, 7), (6, 6)], ids=str)
+def test_vmapped_backward_loops_over_cotangents_with_the_same_gradients(lengths):
+    """:func:`even_length_attention`'s backward under ``vmap`` over K = 3 cotangents alone (marble mode's per-reward
+    gradients): one backward call per cotangent inside a ``scan`` (:func:`backward_per_cotangent`), each q, k, v
+    gradient within the odd-length test's ``4 (D + Lk + 4) u`` of the largest, against the unpadded einsum path's
+    vmapped vjp."""
+    lq, lk = lengths
+    x = make_inputs()
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((B, lq, H, D)).astype(np.float32)
+    k, v = x["k"][:, :lk], x["v"][:, :lk]
+    if lk > LK:
+        k, v = (np.concatenate([a, a[:, : lk - LK]], axis=1) for a in (k, v))
+    cotangents = rng.standard_normal((3, B, lq, H, D)).astype(np.float32)
+
+    def per_cotangent(f):
+        def run(q, k, v, cotangents):
+            return jax.vmap(jax.vjp(f, q, k, v)[1])(cotangents)
+
+        return run
+
+    ours = per_cotangent(lambda q, k, v: even_length_attention(q, k, v, scale=D**-0.5, implementation="xla"))
+    plain = per_cotangent(lambda q, k, v: attention(q, k, v, implementation="einsum"))
+    assert "scan" in str(jax.make_jaxpr(ours)(q, k, v, cotangents))
+    u = F32_EPS / 2
+    for got, ref in zip(jax.jit(ours)(q, k, v, cotangents), jax.jit(plain)(q, k, v, cotangents), strict=True):
+        assert got.shape == ref.shape == (3, *ref.shape[1:])
+        assert float(np.max(np.abs(got - ref))) <= 4 * (D + lk + 4) * u * float(np.max(np.abs(ref)))
+
+
+@pytest.mark.parametrize("length", [9, 10])
+def test_cudnn_backward_traces_under_vmapped_cotangents(length, monkeypatch):
+    """jax's cuDNN attention, traced (not run) on the CPU with its cuDNN-version and compute-capability checks
+    answered as on an H200: ``vmap`` of the vjp over K = 3 cotangents, as marble mode takes it, traces, with the
+    cuDNN backward called on unbatched ``[B, L, H, D]`` operands inside a ``scan``. jax 0.10.2's own batching
+    rule for that backward fails here, reshaping the ``[K, B, L, H, D]`` cotangent to q's shape."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fused_attention_stablehlo, "check_compute_capability", lambda capability: True)
+    q = jnp.ones((2, length, 2, 64), jnp.bfloat16)
+    cotangents = jnp.ones((3, *q.shape), jnp.bfloat16)
+
+    def per_reward(q, k, v, cotangents):
+        return jax.vmap(jax.vjp(lambda q, k, v: even_length_attention(q, k, v, scale=0.125), q, k, v)[1])(cotangents)
+
+    closed = jax.make_jaxpr(per_reward)(q, q, q, cotangents)
+    assert [out.aval.shape for out in closed.jaxpr.outvars] == [cotangents.shape] * 3
+    (scan,) = [eqn for eqn in closed.jaxpr.eqns if eqn.primitive.name == "scan"]
+    assert scan.params["length"] == 3
+    assert "dot_product_attention_bwd" in str(scan.params["jaxpr"])
+
+
 def test_auto_choice_for_gpu_inputs():
     bf16, fp16, fp32 = jnp.bfloat16, jnp.float16, jnp.float32
     # SD3.5's MMDiT: bf16, 64-wide heads, no bias or mask -> cuDNN flash attention

@@ -260,3 +260,44 @@ def test_cudnn_path_pads_odd_joint_sequences_in_the_model(monkeypatch):
     assert rel_err(padded[0], plain[0]) <= FWD_TOL
     assert tree_error(padded[1], plain[1]) <= GRAD_TOL
     assert tree_error(padded[2], plain[2]) <= GRAD_TOL
+
+
+def test_cudnn_marble_mode_traces_with_jaxs_cudnn_primitives(monkeypatch):
+    """The model's real cuDNN path (jax's cuDNN primitives, not an emulation), traced on the CPU with jax's
+    cuDNN-version and compute-capability checks answered as on an H200: bf16 compute, scanned with remat "dots",
+    odd joint sequence (9 tokens). Marble mode's K = 3 per-objective vjp (vmapped over cotangents) traces, and every
+    cuDNN backward call sits in the per-cotangent loop of ``attention.backward_per_cotangent``; jax 0.10.2's own
+    batching rule for that backward fails at trace time here."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    from marble_jax.models import attention as attention_module
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fused_attention_stablehlo, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(attention_module, "_backend", lambda: "cuda")
+    apply_fn, abstract = mmdit.from_config(
+        CONFIG, key=None, compute_dtype=jnp.bfloat16, remat="dots", scan_blocks=True, attention="cudnn"
+    )
+    inputs = make_inputs()
+
+    def per_objective(p, cotangents):
+        return jax.vmap(jax.vjp(lambda p: apply_fn(p, *inputs), p)[1])(cotangents)[0]
+
+    cotangents = jax.ShapeDtypeStruct((3, *WEIGHTS.shape), jnp.float32)
+    closed = jax.make_jaxpr(per_objective)(abstract, cotangents)
+    grads = jax.tree.unflatten(jax.tree.structure(abstract), [v.aval for v in closed.jaxpr.outvars])
+    assert jax.tree.map(lambda g, p: g.shape == (3, *p.shape), grads, abstract) == jax.tree.map(lambda p: True, abstract)
+    placements = []  # for each cuDNN backward equation: whether it sits inside a custom_vmap_call
+
+    def walk(jaxpr, inside: bool) -> None:
+        for eqn in jaxpr.eqns:
+            if "dot_product_attention_bwd" in eqn.primitive.name:
+                placements.append(inside)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, tuple | list) else (param,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        walk(sub, inside or eqn.primitive.name == "custom_vmap_call")
+
+    walk(closed.jaxpr, False)
+    assert placements and all(placements), placements

@@ -23,7 +23,10 @@ When cuDNN applies (:func:`cudnn_unsupported`; the checks of jax 0.10's
 
 Without a bias or mask, odd lengths are padded to even on the cuDNN path (:func:`even_length_attention`):
 jax's cuDNN check refuses odd lengths under a gradient even then, and SD3.5's joint sequence is odd at the
-sizes it trains (1024 image + 205 or 333 text tokens at 512 px).
+sizes it trains (1024 image + 205 or 333 text tokens at 512 px). The same function's backward, vmapped over
+cotangents alone (marble mode's K per-reward gradients), runs once per cotangent in a loop
+(:func:`backward_per_cotangent`): jax 0.10.2's batching rule for cuDNN's backward cannot take a batched
+cotangent with unbatched residuals.
 
 SD3.5's MMDiT (bf16 compute, 64-wide heads, no bias or mask) takes cuDNN; the VAE's single 512-wide
 head and any float32 attention take XLA. On the cuDNN path a bias is cast to q's dtype and a mask
@@ -32,7 +35,7 @@ becomes a large negative bias in that dtype (as jax does); the einsum and XLA pa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -111,8 +114,43 @@ def choose_implementation(
     return "xla"
 
 
+def _apply_vjp(vjp_fn: Callable[[Array], tuple[Array, ...]], cotangent: Array) -> tuple[Array, ...]:
+    return vjp_fn(cotangent)
+
+
+_apply_vjp_per_cotangent = jax.custom_batching.sequential_vmap(_apply_vjp)
+
+
+def backward_per_cotangent(f: Callable[[Array, Array, Array], Array]) -> Callable[[Array, Array, Array], Array]:
+    """``f(q, k, v)`` unchanged, except that its backward pass, vmapped, runs once per vmapped element in a loop.
+
+    ``marble`` mode takes the K per-reward gradients as ``vmap(vjp)`` over K cotangents, so the attention's
+    backward sees a batched cotangent and unbatched residuals (q, k, v, the forward's output and softmax
+    statistics). jax's cuDNN backward batching rule (``_dot_product_attention_bwd_batcher``, jax 0.10.2 and
+    0.11.0) folds the vmapped axis into the batch axis of every operand and so cannot take that mix: it fails
+    at trace time reshaping the ``[K, B, L, H, D]`` cotangent to q's ``[B, L, H, D]`` (fixed on jax's main
+    branch on 2026-07-30, in no release we pin). Here the backward is a ``custom_vjp`` whose application is
+    ``jax.custom_batching.sequential_vmap``: each cotangent gets the unbatched cuDNN backward call, K calls
+    of B sequences each (B x heads x Lq / 128 tiles: hundreds at SD3.5-M's sizes, enough to fill a GPU).
+    """
+
+    @jax.custom_vjp
+    def wrapped(q: Array, k: Array, v: Array) -> Array:
+        return f(q, k, v)
+
+    def forward(q: Array, k: Array, v: Array) -> tuple[Array, Callable]:
+        return jax.vjp(f, q, k, v)
+
+    def backward(vjp_fn: Callable, cotangent: Array) -> tuple[Array, ...]:
+        return _apply_vjp_per_cotangent(vjp_fn, cotangent)
+
+    wrapped.defvjp(forward, backward)
+    return wrapped
+
+
 def even_length_attention(q: Array, k: Array, v: Array, *, scale: float, implementation: str = "cudnn") -> Array:
-    """``jax.nn.dot_product_attention`` (no bias or mask) with ``Lq`` and ``Lk`` padded to even lengths.
+    """``jax.nn.dot_product_attention`` (no bias or mask) with ``Lq`` and ``Lk`` padded to even lengths, and its
+    backward run once per cotangent when vmapped (:func:`backward_per_cotangent`).
 
     jax's cuDNN path refuses odd sequence lengths whenever a gradient is taken, with or without a bias:
     ``check_is_flash_attention`` (``jax/_src/cudnn/fused_attention_stablehlo.py``, jax 0.10 and 0.11) is
@@ -128,17 +166,20 @@ def even_length_attention(q: Array, k: Array, v: Array, *, scale: float, impleme
       ``[B, Lq, H, D]``.
     """
     lq, lk = q.shape[1], k.shape[1]
-    if lq % 2 == 0 and lk % 2 == 0:
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
 
     def pad(x: Array, length: int) -> Array:
         return jnp.pad(x, ((0, 0), (0, length % 2), (0, 0), (0, 0)))
 
-    lengths = jnp.full((q.shape[0],), lk, jnp.int32)
-    out = jax.nn.dot_product_attention(
-        pad(q, lq), pad(k, lk), pad(v, lk), scale=scale, key_value_seq_lengths=lengths, implementation=implementation
-    )
-    return out[:, :lq]
+    def padded(q: Array, k: Array, v: Array) -> Array:
+        if lq % 2 == 0 and lk % 2 == 0:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+        lengths = jnp.full((q.shape[0],), lk, jnp.int32)
+        out = jax.nn.dot_product_attention(
+            pad(q, lq), pad(k, lk), pad(v, lk), scale=scale, key_value_seq_lengths=lengths, implementation=implementation
+        )
+        return out[:, :lq]
+
+    return backward_per_cotangent(padded)(q, k, v)
 
 
 def attention(
