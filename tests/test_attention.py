@@ -162,11 +162,13 @@ def test_odd_lengths_padded_to_even_give_the_unpadded_attention_and_gradients(le
 
 
 @pytest.mark.parametrize("lengths", [(5, 7), (6, 6)], ids=str)
-def test_vmapped_backward_loops_over_cotangents_with_the_same_gradients(lengths):
-    """:func:`even_length_attention`'s backward under ``vmap`` over K = 3 cotangents alone (marble mode's per-reward
-    gradients): one backward call per cotangent inside a ``scan`` (:func:`backward_per_cotangent`), each q, k, v
-    gradient within the odd-length test's ``4 (D + Lk + 4) u`` of the largest, against the unpadded einsum path's
-    vmapped vjp."""
+def test_vmapped_backward_gives_the_einsum_paths_gradients(lengths):
+    """:func:`even_length_attention`'s backward under ``vmap`` (:func:`backward_per_cotangent`), against the unpadded
+    einsum path's, each q, k, v gradient within the odd-length test's ``4 (D + Lk + 4) u`` of the largest:
+
+    - over K = 3 cotangents alone (marble mode's per-reward gradients): one backward call per cotangent, in a
+      ``scan``;
+    - over samples (per-sample gradients, the forward vmapped too): jax's own batching, no loop."""
     lq, lk = lengths
     x = make_inputs()
     rng = np.random.default_rng(6)
@@ -177,18 +179,27 @@ def test_vmapped_backward_loops_over_cotangents_with_the_same_gradients(lengths)
     cotangents = rng.standard_normal((3, B, lq, H, D)).astype(np.float32)
 
     def per_cotangent(f):
-        def run(q, k, v, cotangents):
+        def run(q, k, v):
             return jax.vmap(jax.vjp(f, q, k, v)[1])(cotangents)
 
         return run
 
-    ours = per_cotangent(lambda q, k, v: even_length_attention(q, k, v, scale=D**-0.5, implementation="xla"))
-    plain = per_cotangent(lambda q, k, v: attention(q, k, v, implementation="einsum"))
-    assert "scan" in str(jax.make_jaxpr(ours)(q, k, v, cotangents))
+    def per_sample(f):
+        def run(q, k, v):
+            one = lambda q, k, v, ct: jax.vjp(f, q[None], k[None], v[None])[1](ct[None])  # noqa: E731
+            return [g[:, 0] for g in jax.vmap(one)(q, k, v, cotangents[0])]
+
+        return run
+
+    padded = lambda q, k, v: even_length_attention(q, k, v, scale=D**-0.5, implementation="xla")  # noqa: E731
+    plain = lambda q, k, v: attention(q, k, v, implementation="einsum")  # noqa: E731
     u = F32_EPS / 2
-    for got, ref in zip(jax.jit(ours)(q, k, v, cotangents), jax.jit(plain)(q, k, v, cotangents), strict=True):
-        assert got.shape == ref.shape == (3, *ref.shape[1:])
-        assert float(np.max(np.abs(got - ref))) <= 4 * (D + lk + 4) * u * float(np.max(np.abs(ref)))
+    for vmapped, rows, loops in ((per_cotangent, 3, True), (per_sample, B, False)):
+        ours, ref = vmapped(padded), vmapped(plain)
+        assert ("scan" in str(jax.make_jaxpr(ours)(q, k, v))) == loops
+        for got, want in zip(jax.jit(ours)(q, k, v), jax.jit(ref)(q, k, v), strict=True):
+            assert got.shape == want.shape and got.shape[0] == rows
+            assert float(np.max(np.abs(got - want))) <= 4 * (D + lk + 4) * u * float(np.max(np.abs(want)))
 
 
 @pytest.mark.parametrize("length", [9, 10])

@@ -230,6 +230,44 @@ def test_bench_gpu_smoke(capsys):
     assert "attention fwd+bwd: einsum" in out and "images/s" in out and "FAILED" not in out
 
 
+def test_bench_gpu_programs_lower_for_cuda_with_cudnn_attention(monkeypatch):
+    """Every program ``tools/bench_gpu.py`` runs on an H200 (the four update methods, amortised with and without a
+    solve, and the rollout), at the tiny size, traced and lowered to StableHLO for CUDA on the CPU, with jax's
+    cuDNN-version and compute-capability checks answered as on an H200 and ``auto`` attention choosing as on a CUDA
+    GPU: each lowers, with cuDNN's flash-attention custom calls in it (forward everywhere, backward in the updates).
+    Only XLA's GPU compilation and the run are left to the device. Two GPU-only failures were found this way:
+    jax's cuDNN batching rules take neither marble mode's per-reward cotangents (vmapped alone) nor marble_gram's
+    per-sample forward with unbatched sequence lengths."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    from marble_jax.models import attention as attention_module
+
+    bench_gpu = load_tool("bench_gpu")
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fused_attention_stablehlo, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(attention_module, "_backend", lambda: "cuda")
+    args = types.SimpleNamespace(k=5, batch=16, timesteps=2, train_batch=4, rollout_batch=2, num_steps=2,
+                                 resolution=64, text_tokens=77 + 8)  # fmt: skip
+    config = bench_gpu.bench_config(args)
+    setup = experiment.abstract_sd3_setup(config, bench_gpu.TINY_TRANSFORMER)
+    programs = {}
+    for method in bench_gpu.METHODS:
+        for solve in (True, False) if method == "marble_amortized" else (True,):
+            programs[method, solve] = bench_gpu.trace_update(setup, config, method, solve)[0]
+    mesh = train.run_mesh(config)
+    frozen = train.frozen_layout(setup, config, mesh)[0]
+    trainable = train.state_layout(setup, config, train.make_optimizer(config), mesh)[0].params
+    (length, width), pooled_dim = setup.text_shape
+    text = [jax.ShapeDtypeStruct((args.rollout_batch, *shape), jnp.bfloat16) for shape in ((length, width), (pooled_dim,))]
+    programs["rollout"] = jax.jit(train.make_rollout(setup, config)).trace(
+        frozen, trainable, setup.decode_params, *text, jax.random.key(0)
+    )
+    for name, traced in programs.items():
+        hlo = traced.lower(lowering_platforms=("cuda",)).as_text()
+        assert "__cudnn$fmhaSoftmax(" in hlo, name
+        assert ("__cudnn$fmhaSoftmaxBackward" in hlo) == (name != "rollout"), name
+
+
 def test_full_finetuning_refuses_a_lora_adapter():
     config = tiny_config.get_config()
     config.finetune, config.lora.init_from = "full", "/adapters/run"

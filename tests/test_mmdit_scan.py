@@ -266,8 +266,8 @@ def test_cudnn_marble_mode_traces_with_jaxs_cudnn_primitives(monkeypatch):
     """The model's real cuDNN path (jax's cuDNN primitives, not an emulation), traced on the CPU with jax's
     cuDNN-version and compute-capability checks answered as on an H200: bf16 compute, scanned with remat "dots",
     odd joint sequence (9 tokens). Marble mode's K = 3 per-objective vjp (vmapped over cotangents) traces, and every
-    cuDNN backward call sits in the per-cotangent loop of ``attention.backward_per_cotangent``; jax 0.10.2's own
-    batching rule for that backward fails at trace time here."""
+    cuDNN backward call is an unbatched one (batch B, not K B: one per cotangent, ``attention.backward_per_cotangent``);
+    jax 0.10.2's own batching rule for that backward fails at trace time here."""
     from jax._src.cudnn import fused_attention_stablehlo
 
     from marble_jax.models import attention as attention_module
@@ -287,17 +287,18 @@ def test_cudnn_marble_mode_traces_with_jaxs_cudnn_primitives(monkeypatch):
     closed = jax.make_jaxpr(per_objective)(abstract, cotangents)
     grads = jax.tree.unflatten(jax.tree.structure(abstract), [v.aval for v in closed.jaxpr.outvars])
     assert jax.tree.map(lambda g, p: g.shape == (3, *p.shape), grads, abstract) == jax.tree.map(lambda p: True, abstract)
-    placements = []  # for each cuDNN backward equation: whether it sits inside a custom_vmap_call
+    batches = []  # the batch sizes of each cuDNN backward call's [B, L, H, D] operands
 
-    def walk(jaxpr, inside: bool) -> None:
+    def walk(jaxpr) -> None:
         for eqn in jaxpr.eqns:
             if "dot_product_attention_bwd" in eqn.primitive.name:
-                placements.append(inside)
+                batches.append({v.aval.shape[0] for v in eqn.invars if v.aval.ndim == 4})
             for param in eqn.params.values():
                 for sub in param if isinstance(param, tuple | list) else (param,):
                     sub = getattr(sub, "jaxpr", sub)
                     if hasattr(sub, "eqns"):
-                        walk(sub, inside or eqn.primitive.name == "custom_vmap_call")
+                        walk(sub)
 
-    walk(closed.jaxpr, False)
-    assert placements and all(placements), placements
+    walk(closed.jaxpr)
+    batch = inputs[0].shape[0]
+    assert batches and all(sizes == {batch} for sizes in batches), batches  # not K * batch: one call per cotangent

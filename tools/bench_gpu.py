@@ -25,7 +25,9 @@ flax: flax 0.12.8, our CPU pin, does not import under jax 0.11 (``jax.experiment
 
 Each row runs guarded: one that fails prints its error and the next runs. On an H200 (2026-12-04) the set-up,
 the bf16 matrix product and the rollout took 63 s together; the update and attention rows failed on cuDNN's
-refusal of odd sequence lengths under a gradient, which ``attention`` now pads around.
+refusal of odd sequence lengths under a gradient, which ``attention`` now pads around. Every program here is
+lowered for CUDA on the CPU by ``tests/test_epoch_program.py`` (cuDNN attention included), so a trace- or
+lowering-time failure shows there, before a device is spent on it.
 """
 
 from __future__ import annotations
@@ -89,15 +91,21 @@ def peak_memory_gb() -> float:
     return stats.get("peak_bytes_in_use", float("nan")) / GB
 
 
-def update_row(setup, config, method: str, solve: bool, reps: int, key) -> dict:
-    """Time, FLOPs, memory and compile time of one update program."""
+def trace_update(setup, config, method: str, solve: bool) -> tuple:
+    """``(traced, config, tx, mesh, args)``: the trainer's update program for ``method`` (``train.jit_train_step``,
+    the program ``train.run`` compiles) traced on its abstract arguments ``args`` (static flags excluded)."""
     config = copy.deepcopy(config)
     config.method = method
     mesh = train.run_mesh(config)
     tx = train.make_optimizer(config)
-    start = time.perf_counter()
     step, args = train.jit_train_step(setup, config, tx, mesh)
-    traced = step.trace(*args, solve, False)
+    return step.trace(*args, solve, False), config, tx, mesh, args
+
+
+def update_row(setup, config, method: str, solve: bool, reps: int, key) -> dict:
+    """Time, FLOPs, memory and compile time of one update program."""
+    start = time.perf_counter()
+    traced, config, tx, mesh, args = trace_update(setup, config, method, solve)
     compiled = traced.lower().compile()
     compile_s = time.perf_counter() - start
     state_sh = jax.tree.map(lambda a: a.sharding, args[0])

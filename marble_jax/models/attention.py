@@ -114,11 +114,26 @@ def choose_implementation(
     return "xla"
 
 
+@jax.custom_batching.custom_vmap
 def _apply_vjp(vjp_fn: Callable[[Array], tuple[Array, ...]], cotangent: Array) -> tuple[Array, ...]:
     return vjp_fn(cotangent)
 
 
-_apply_vjp_per_cotangent = jax.custom_batching.sequential_vmap(_apply_vjp)
+@_apply_vjp.def_vmap
+def _apply_vjp_vmapped(
+    axis_size: int, in_batched: tuple[Any, bool], vjp_fn: Callable, cotangent: Array
+) -> tuple[tuple[Array, ...], tuple[bool, ...]]:
+    """Residuals vmapped (the forward was): jax's own batching of the backward. Residuals not vmapped (a vmap over
+    cotangents alone): one unbatched backward call per cotangent, in a loop."""
+    residuals_batched, cotangent_batched = in_batched
+    if not cotangent_batched:
+        cotangent = jnp.broadcast_to(cotangent, (axis_size, *cotangent.shape))
+    if any(jax.tree.leaves(residuals_batched)):
+        axes = jax.tree.map(lambda batched: 0 if batched else None, residuals_batched)
+        grads = jax.vmap(lambda fn, ct: fn(ct), in_axes=(axes, 0))(vjp_fn, cotangent)
+    else:
+        grads = jax.lax.map(vjp_fn, cotangent)
+    return grads, tuple(True for _ in grads)
 
 
 def backward_per_cotangent(f: Callable[[Array, Array, Array], Array]) -> Callable[[Array, Array, Array], Array]:
@@ -129,9 +144,11 @@ def backward_per_cotangent(f: Callable[[Array, Array, Array], Array]) -> Callabl
     statistics). jax's cuDNN backward batching rule (``_dot_product_attention_bwd_batcher``, jax 0.10.2 and
     0.11.0) folds the vmapped axis into the batch axis of every operand and so cannot take that mix: it fails
     at trace time reshaping the ``[K, B, L, H, D]`` cotangent to q's ``[B, L, H, D]`` (fixed on jax's main
-    branch on 2026-07-30, in no release we pin). Here the backward is a ``custom_vjp`` whose application is
-    ``jax.custom_batching.sequential_vmap``: each cotangent gets the unbatched cuDNN backward call, K calls
-    of B sequences each (B x heads x Lq / 128 tiles: hundreds at SD3.5-M's sizes, enough to fill a GPU).
+    branch on 2026-07-30, in no release we pin). Here the backward is a ``custom_vjp`` whose application has
+    its own vmap rule (``jax.custom_batching.custom_vmap``): with unbatched residuals each cotangent gets the
+    unbatched cuDNN backward call in a loop, K calls of B sequences each (B x heads x Lq / 128 tiles: hundreds
+    at SD3.5-M's sizes, enough to fill a GPU); where the forward was vmapped too (per-sample gradients), jax's
+    own batching rule, one call over the folded batch.
     """
 
     @jax.custom_vjp
@@ -142,7 +159,7 @@ def backward_per_cotangent(f: Callable[[Array, Array, Array], Array]) -> Callabl
         return jax.vjp(f, q, k, v)
 
     def backward(vjp_fn: Callable, cotangent: Array) -> tuple[Array, ...]:
-        return _apply_vjp_per_cotangent(vjp_fn, cotangent)
+        return _apply_vjp(vjp_fn, cotangent)
 
     wrapped.defvjp(forward, backward)
     return wrapped
@@ -173,9 +190,21 @@ def even_length_attention(q: Array, k: Array, v: Array, *, scale: float, impleme
     def padded(q: Array, k: Array, v: Array) -> Array:
         if lq % 2 == 0 and lk % 2 == 0:
             return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
-        lengths = jnp.full((q.shape[0],), lk, jnp.int32)
+
+        # [B] lengths computed from q, so that they are vmapped wherever q is: jax's cuDNN forward batching rule
+        # (jax 0.10.2) reshapes them to the folded batch and fails on unbatched ones (jax's own default for the
+        # query's lengths is such a constant, so they are given too: all of the padded query)
+        def lengths(n: int) -> Array:
+            return jnp.where(jnp.isnan(q[:, 0, 0, 0]), n, n).astype(jnp.int32)
+
         out = jax.nn.dot_product_attention(
-            pad(q, lq), pad(k, lk), pad(v, lk), scale=scale, key_value_seq_lengths=lengths, implementation=implementation
+            pad(q, lq),
+            pad(k, lk),
+            pad(v, lk),
+            scale=scale,
+            query_seq_lengths=lengths(lq + lq % 2),
+            key_value_seq_lengths=lengths(lk),
+            implementation=implementation,
         )
         return out[:, :lq]
 
