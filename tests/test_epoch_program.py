@@ -230,9 +230,11 @@ def test_bench_gpu_smoke(capsys):
     assert "attention fwd+bwd: einsum" in out and "images/s" in out and "FAILED" not in out
 
 
-def test_bench_gpu_programs_lower_for_cuda_with_cudnn_attention(monkeypatch):
+@pytest.mark.parametrize("size", ["tiny", "sd35_medium"])
+def test_bench_gpu_programs_lower_for_cuda_with_cudnn_attention(size, monkeypatch):
     """Every program ``tools/bench_gpu.py`` runs on an H200 (the four update methods, amortised with and without a
-    solve, and the rollout), at the tiny size, traced and lowered to StableHLO for CUDA on the CPU, with jax's
+    solve, and the rollout), at the tiny size and at its own (SD3.5-M, 512 px, 1024 + 205 tokens, abstract weights:
+    nothing is allocated), traced and lowered to StableHLO for CUDA on the CPU, with jax's
     cuDNN-version and compute-capability checks answered as on an H200 and ``auto`` attention choosing as on a CUDA
     GPU: each lowers, with cuDNN's flash-attention custom calls in it (forward everywhere, backward in the updates).
     Only XLA's GPU compilation and the run are left to the device. Two GPU-only failures were found this way:
@@ -246,10 +248,11 @@ def test_bench_gpu_programs_lower_for_cuda_with_cudnn_attention(monkeypatch):
     monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
     monkeypatch.setattr(fused_attention_stablehlo, "check_compute_capability", lambda capability: True)
     monkeypatch.setattr(attention_module, "_backend", lambda: "cuda")
+    tiny = size == "tiny"
     args = types.SimpleNamespace(k=5, batch=16, timesteps=2, train_batch=4, rollout_batch=2, num_steps=2,
-                                 resolution=64, text_tokens=77 + 8)  # fmt: skip
+                                 resolution=64 if tiny else 512, text_tokens=77 + (8 if tiny else 128))  # fmt: skip
     config = bench_gpu.bench_config(args)
-    setup = experiment.abstract_sd3_setup(config, bench_gpu.TINY_TRANSFORMER)
+    setup = experiment.abstract_sd3_setup(config, bench_gpu.TINY_TRANSFORMER if tiny else bench_gpu.SD35_MEDIUM_TRANSFORMER)
     programs = {}
     for method in bench_gpu.METHODS:
         for solve in (True, False) if method == "marble_amortized" else (True,):
