@@ -137,7 +137,7 @@ def _apply_vjp_vmapped(
 
 
 def backward_per_cotangent(f: Callable[[Array, Array, Array], Array]) -> Callable[[Array, Array, Array], Array]:
-    """``f(q, k, v)`` unchanged, except that its backward pass, vmapped, runs once per vmapped element in a loop.
+    """``f(q, k, v)`` unchanged, except that its backward pass, vmapped over cotangents alone, runs once per cotangent.
 
     ``marble`` mode takes the K per-reward gradients as ``vmap(vjp)`` over K cotangents, so the attention's
     backward sees a batched cotangent and unbatched residuals (q, k, v, the forward's output and softmax
@@ -167,7 +167,7 @@ def backward_per_cotangent(f: Callable[[Array, Array, Array], Array]) -> Callabl
 
 def even_length_attention(q: Array, k: Array, v: Array, *, scale: float, implementation: str = "cudnn") -> Array:
     """``jax.nn.dot_product_attention`` (no bias or mask) with ``Lq`` and ``Lk`` padded to even lengths, and its
-    backward run once per cotangent when vmapped (:func:`backward_per_cotangent`).
+    backward run once per cotangent when vmapped over cotangents alone (:func:`backward_per_cotangent`).
 
     jax's cuDNN path refuses odd sequence lengths whenever a gradient is taken, with or without a bias:
     ``check_is_flash_attention`` (``jax/_src/cudnn/fused_attention_stablehlo.py``, jax 0.10 and 0.11) is
