@@ -63,14 +63,15 @@ def _eqn_flops(eqn: Any) -> float:
     return 0.0
 
 
-def _sub_jaxprs(value: Any) -> Iterator[Any]:
+def sub_jaxprs(value: Any) -> Iterator[Any]:
+    """The jaxprs inside one equation parameter's ``value`` (a ``Jaxpr``, ``ClosedJaxpr`` or nested tuples of them)."""
     if isinstance(value, jex.ClosedJaxpr):
         yield value.jaxpr
     elif isinstance(value, jex.Jaxpr):
         yield value
     elif isinstance(value, (tuple, list)):
         for v in value:
-            yield from _sub_jaxprs(v)
+            yield from sub_jaxprs(v)
 
 
 def jaxpr_flops(jaxpr: Any) -> float:
@@ -83,7 +84,7 @@ def jaxpr_flops(jaxpr: Any) -> float:
         if eqn.primitive.name == "cond":
             total += max(jaxpr_flops(b) for b in eqn.params["branches"])
             continue
-        inner = sum(jaxpr_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v))
+        inner = sum(jaxpr_flops(j) for v in eqn.params.values() for j in sub_jaxprs(v))
         total += inner * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
     return total
 

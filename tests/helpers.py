@@ -25,6 +25,19 @@ F32_EPS = float(np.finfo(np.float32).eps)
 """2^-23 = 1.19e-7, the spacing of float32 numbers at 1: a float32 operation rounds by at most F32_EPS / 2 relative."""
 
 
+def trace_cudnn_as_on_an_h200(monkeypatch) -> None:
+    """Lets jax's real cuDNN attention be traced and lowered for CUDA on a CPU (never run): its cuDNN-version and
+    compute-capability checks answered as on an H200 (cuDNN 9.10, sm_90), and ``attention``'s ``auto`` choosing as on
+    a CUDA GPU."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    from marble_jax.models import attention
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fused_attention_stablehlo, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(attention, "_backend", lambda: "cuda")
+
+
 def torch_float64():
     """A context in which the float32 that library code asks for explicitly (``dtype=torch.float32``, ``.float()``,
     ``.to(torch.float32)``) is float64. Parameters and inputs are cast by the caller (:func:`float64_copy`,

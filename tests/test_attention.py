@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import F32_EPS
+from helpers import F32_EPS, trace_cudnn_as_on_an_h200
 
 from marble_jax.models.attention import (
     IMPLEMENTATIONS,
@@ -208,10 +208,7 @@ def test_cudnn_backward_traces_under_vmapped_cotangents(length, monkeypatch):
     answered as on an H200: ``vmap`` of the vjp over K = 3 cotangents, as marble mode takes it, traces, with the
     cuDNN backward called on unbatched ``[B, L, H, D]`` operands inside a ``scan``. jax 0.10.2's own batching
     rule for that backward fails here, reshaping the ``[K, B, L, H, D]`` cotangent to q's shape."""
-    from jax._src.cudnn import fused_attention_stablehlo
-
-    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
-    monkeypatch.setattr(fused_attention_stablehlo, "check_compute_capability", lambda capability: True)
+    trace_cudnn_as_on_an_h200(monkeypatch)
     q = jnp.ones((2, length, 2, 64), jnp.bfloat16)
     cotangents = jnp.ones((3, *q.shape), jnp.bfloat16)
 

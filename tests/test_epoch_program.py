@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_config
-from helpers import load_tool, save_tiny_world
+from helpers import load_tool, save_tiny_world, trace_cudnn_as_on_an_h200
 
 from marble_jax import balance, experiment, mgda, sharding, throughput, train
 from marble_jax.nft_loss import NFTConfig
@@ -240,14 +240,8 @@ def test_bench_gpu_programs_lower_for_cuda_with_cudnn_attention(size, monkeypatc
     Only XLA's GPU compilation and the run are left to the device. Two GPU-only failures were found this way:
     jax's cuDNN batching rules take neither marble mode's per-reward cotangents (vmapped alone) nor marble_gram's
     per-sample forward with unbatched sequence lengths."""
-    from jax._src.cudnn import fused_attention_stablehlo
-
-    from marble_jax.models import attention as attention_module
-
     bench_gpu = load_tool("bench_gpu")
-    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
-    monkeypatch.setattr(fused_attention_stablehlo, "check_compute_capability", lambda capability: True)
-    monkeypatch.setattr(attention_module, "_backend", lambda: "cuda")
+    trace_cudnn_as_on_an_h200(monkeypatch)
     tiny = size == "tiny"
     args = types.SimpleNamespace(k=5, batch=16, timesteps=2, train_batch=4, rollout_batch=2, num_steps=2,
                                  resolution=64 if tiny else 512, text_tokens=77 + (8 if tiny else 128))  # fmt: skip
@@ -260,11 +254,9 @@ def test_bench_gpu_programs_lower_for_cuda_with_cudnn_attention(size, monkeypatc
     mesh = train.run_mesh(config)
     frozen = train.frozen_layout(setup, config, mesh)[0]
     trainable = train.state_layout(setup, config, train.make_optimizer(config), mesh)[0].params
-    (length, width), pooled_dim = setup.text_shape
-    text = [jax.ShapeDtypeStruct((args.rollout_batch, *shape), jnp.bfloat16) for shape in ((length, width), (pooled_dim,))]
-    programs["rollout"] = jax.jit(train.make_rollout(setup, config)).trace(
-        frozen, trainable, setup.decode_params, *text, jax.random.key(0)
-    )
+    programs["rollout"] = bench_gpu.trace_rollout(
+        setup, config, frozen, trainable, setup.decode_params, args.rollout_batch, jax.random.key(0)
+    )[0]
     for name, traced in programs.items():
         hlo = traced.lower(lowering_platforms=("cuda",)).as_text()
         assert "__cudnn$fmhaSoftmax(" in hlo, name

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import F32_EPS, rel_err, tiny_sd35_transformer_config
+from helpers import F32_EPS, rel_err, tiny_sd35_transformer_config, trace_cudnn_as_on_an_h200
 
+from marble_jax import throughput
 from marble_jax.models import lora, mmdit
 from marble_jax.models.sd3_configs import SD35_LARGE_TRANSFORMER, SD35_MEDIUM_TRANSFORMER
 
@@ -268,13 +269,7 @@ def test_cudnn_marble_mode_traces_with_jaxs_cudnn_primitives(monkeypatch):
     odd joint sequence (9 tokens). Marble mode's K = 3 per-objective vjp (vmapped over cotangents) traces, and every
     cuDNN backward call is an unbatched one (batch B, not K B: one per cotangent, ``attention.backward_per_cotangent``);
     jax 0.10.2's own batching rule for that backward fails at trace time here."""
-    from jax._src.cudnn import fused_attention_stablehlo
-
-    from marble_jax.models import attention as attention_module
-
-    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
-    monkeypatch.setattr(fused_attention_stablehlo, "check_compute_capability", lambda capability: True)
-    monkeypatch.setattr(attention_module, "_backend", lambda: "cuda")
+    trace_cudnn_as_on_an_h200(monkeypatch)
     apply_fn, abstract = mmdit.from_config(
         CONFIG, key=None, compute_dtype=jnp.bfloat16, remat="dots", scan_blocks=True, attention="cudnn"
     )
@@ -293,11 +288,8 @@ def test_cudnn_marble_mode_traces_with_jaxs_cudnn_primitives(monkeypatch):
         for eqn in jaxpr.eqns:
             if "dot_product_attention_bwd" in eqn.primitive.name:
                 batches.append({v.aval.shape[0] for v in eqn.invars if v.aval.ndim == 4})
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, tuple | list) else (param,):
-                    sub = getattr(sub, "jaxpr", sub)
-                    if hasattr(sub, "eqns"):
-                        walk(sub)
+            for sub in (j for value in eqn.params.values() for j in throughput.sub_jaxprs(value)):
+                walk(sub)
 
     walk(closed.jaxpr)
     batch = inputs[0].shape[0]

@@ -162,20 +162,26 @@ def guarded(name: str, fn, *args):
         return None
 
 
+def trace_rollout(setup, config, frozen, trainable, vae_params, batch: int, key) -> tuple:
+    """``(traced, args)``: the rollout program (``train.make_rollout``) of ``batch`` images with zero bf16 prompt
+    embeddings, traced on ``args``; the weights may be arrays or ``ShapeDtypeStruct``."""
+    (length, width), pooled_dim = setup.text_shape
+    ctx = jnp.zeros((batch, length, width), jnp.bfloat16)
+    pooled = jnp.zeros((batch, pooled_dim), jnp.bfloat16)
+    args = (frozen, trainable, vae_params, ctx, pooled, key)
+    return jax.jit(train.make_rollout(setup, config)).trace(*args), args
+
+
 def rollout_row(setup, config, args: argparse.Namespace, vae_params, key) -> dict:
     """Seconds and MFU of a ``--num-steps``-step rollout of ``--rollout-batch`` images with the VAE decode."""
     mesh = train.run_mesh(config)
     trainable = train.make_init_state(setup, config, train.make_optimizer(config))(setup.base_params).params
     frozen = train.place_frozen(setup, config, mesh)
-    (length, width), pooled_dim = setup.text_shape
-    ctx = jnp.zeros((args.rollout_batch, length, width), jnp.bfloat16)
-    pooled = jnp.zeros((args.rollout_batch, pooled_dim), jnp.bfloat16)
-    rollout = jax.jit(train.make_rollout(setup, config))
     start = time.perf_counter()
-    traced = rollout.trace(frozen, trainable, vae_params, ctx, pooled, key)
+    traced, inputs = trace_rollout(setup, config, frozen, trainable, vae_params, args.rollout_batch, key)
     compiled = traced.lower().compile()
     compile_s = time.perf_counter() - start
-    seconds = timed(lambda: compiled(frozen, trainable, vae_params, ctx, pooled, key), args.reps)
+    seconds = timed(lambda: compiled(*inputs), args.reps)
     return dict(seconds=seconds, flops=throughput.jaxpr_flops(traced.jaxpr), compile_s=compile_s)
 
 
